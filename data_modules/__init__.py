@@ -1,0 +1,1 @@
+"""LightningDataModules for the XRec data format."""
