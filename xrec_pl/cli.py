@@ -1,0 +1,276 @@
+"""The ``xrec-pl`` command line.
+
+Two families of commands share one entry point:
+
+* ``fit``, ``validate``, ``test``, ``predict``: LightningCLI over any of the project's LightningModules and
+  DataModules, chosen by ``class_path`` in the YAML config (``xrec-pl fit -c configs/stage1/synthetic.yaml``).
+* tools: ``pipeline``, ``evaluate``, ``make-synthetic``, ``convert``, ``bench``, ``experiment`` (jsonargparse
+  functions; each takes ``--config`` too).
+
+Bad input (``DataError``, ``ConfigError``) ends the program with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+STAGE_COMMANDS = ("fit", "validate", "test", "predict")
+TOOL_COMMANDS = ("pipeline", "evaluate", "make-synthetic", "convert", "bench", "experiment")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (conflicting paths, a run folder that would be overwritten, ...)."""
+
+
+def _offline_defaults() -> None:
+    # The framework never reaches a model hub at run time; users with a hub unset these explicitly.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _items(value: Any) -> list[Any]:
+    if value is None or isinstance(value, bool):
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _class_name(entry: Any) -> str:
+    path = getattr(entry, "class_path", None) or (entry.get("class_path") if isinstance(entry, dict) else None)
+    return str(path or "").rsplit(".", 1)[-1]
+
+
+def _init_args(entry: Any) -> Any:
+    if isinstance(entry, dict):
+        return entry.setdefault("init_args", {})
+    if getattr(entry, "init_args", None) is None:
+        from jsonargparse import Namespace
+
+        entry.init_args = Namespace()
+    return entry.init_args
+
+
+def _get(ns: Any, key: str) -> Any:
+    return ns.get(key) if isinstance(ns, dict) else getattr(ns, key, None)
+
+
+def _set(ns: Any, key: str, value: Any) -> None:
+    if isinstance(ns, dict):
+        ns[key] = value
+    else:
+        setattr(ns, key, value)
+
+
+def place_run_outputs(trainer_cfg: Any, *, subcommand: str | None, ckpt_path: str | None) -> Path:
+    """Route every output of a run into ``trainer.default_root_dir``.
+
+    Loggers without a ``save_dir`` and checkpoint callbacks without a ``dirpath`` are pointed into the run folder,
+    so one override (``--trainer.default_root_dir=...``) moves a whole run. A ``fit`` that would write new
+    checkpoints over a previous run's is refused before anything starts.
+    """
+    root = Path(_get(trainer_cfg, "default_root_dir") or "runs/default")
+    _set(trainer_cfg, "default_root_dir", str(root))
+    for logger in _items(_get(trainer_cfg, "logger")):
+        args = _init_args(logger)
+        if _get(args, "save_dir") in (None, "", "."):
+            _set(args, "save_dir", str(root))
+    for callback in _items(_get(trainer_cfg, "callbacks")):
+        if _class_name(callback) == "ModelCheckpoint":
+            args = _init_args(callback)
+            if not _get(args, "dirpath"):
+                _set(args, "dirpath", str(root / "checkpoints"))
+            ckpt_dir = Path(_get(args, "dirpath"))
+            if subcommand == "fit" and ckpt_path is None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+                raise ConfigError(
+                    f"{ckpt_dir}: holds checkpoints of an earlier run; resume it with --ckpt_path last, "
+                    "or choose a new --trainer.default_root_dir"
+                )
+    return root
+
+
+def _lightning_cli_class():
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    class XrecSaveConfig(SaveConfigCallback):
+        """Save the resolved config beside the logs and, when W&B is attached, into the W&B run config."""
+
+        def save_config(self, trainer, pl_module, stage) -> None:
+            from lightning.pytorch.loggers import WandbLogger
+
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
+
+    class XrecCLI(LightningCLI):
+        """LightningCLI for every xrec-pl stage; the model and data classes come from the YAML's ``class_path``."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("subclass_mode_model", True)
+            kwargs.setdefault("subclass_mode_data", True)
+            kwargs.setdefault("save_config_callback", XrecSaveConfig)
+            kwargs.setdefault("auto_configure_optimizers", False)
+            super().__init__(*args, **kwargs)
+
+        def before_instantiate_classes(self) -> None:
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            place_run_outputs(cfg.trainer, subcommand=self.subcommand, ckpt_path=cfg.get("ckpt_path"))
+
+    return XrecCLI
+
+
+def XrecCLI(*args: Any, **kwargs: Any):  # noqa: N802 - a factory that reads like the class it builds
+    """Build the project's LightningCLI (see :func:`_lightning_cli_class`). Imports Lightning lazily."""
+    return _lightning_cli_class()(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------- tool commands
+
+
+def make_synthetic(out: str = "data/synthetic", seed: int = 0, size: str = "default", overwrite: bool = False) -> str:
+    """Write the project's deterministic synthetic dataset in the XRec format.
+
+    Args:
+        out: Output folder.
+        seed: Random seed; the same seed gives byte-identical files.
+        size: ``tiny`` (tests) or ``default`` (first runs).
+        overwrite: Replace an existing dataset folder.
+    """
+    from xrec_pl.data.synthetic import make_synthetic as _make
+
+    target = Path(out)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ConfigError(f"{target}: folder exists and is not empty; pass --overwrite true to replace it")
+    return str(_make(target, seed=seed, size=size))
+
+
+def convert(src: str, dst: str, format: str = "parquet", overwrite: bool = False) -> list[str]:  # noqa: A002
+    """Convert an XRec data folder's pickles to a plain format once, so later reads never unpickle.
+
+    Args:
+        src: XRec data folder (``para_dict.pickle``, ``total_*.csv``, ``{trn,val,tst}.pkl``).
+        dst: Output folder.
+        format: ``parquet`` or ``jsonl`` for the text records.
+        overwrite: Replace existing files in ``dst``.
+    """
+    from xrec_pl.data.io import convert_folder
+
+    return [str(p) for p in convert_folder(src, dst, fmt=format, overwrite=overwrite)]
+
+
+def evaluate(
+    predictions: str,
+    references: str | None = None,
+    metrics: list[str] | None = None,
+    output: str | None = None,
+    bertscore_model: str | None = None,
+    bertscore_layers: int | None = None,
+    rescale_with_baseline: bool = False,
+    bleurt_checkpoint: str | None = None,
+    bartscore_checkpoint: str | None = None,
+    judge_model: str | None = None,
+    batch_size: int = 64,
+) -> dict:
+    """Score a prediction file against its references and print one JSON object.
+
+    Args:
+        predictions: Our predict JSONL (``prediction``/``reference`` fields) or a pickled list of strings.
+        references: Reference file (JSONL or pickled list); defaults to the ``reference`` field of ``predictions``.
+        metrics: Any of ``usr``, ``bertscore``, ``bleurt``, ``bartscore``, ``judge`` (default: usr, bertscore).
+        output: Also write the JSON here.
+        bertscore_model: BERTScore backbone (local path or hub name); default: the offline MiniLM.
+        bertscore_layers: Layer of the backbone to use (default: the backbone's default, 6 for MiniLM).
+        rescale_with_baseline: BERTScore baseline rescaling (needs the backbone's baseline file).
+        bleurt_checkpoint: Path of a BLEURT checkpoint (needed for ``bleurt``).
+        bartscore_checkpoint: Path of a BART checkpoint (needed for ``bartscore``).
+        judge_model: LLM judge (``embedded`` by default).
+        batch_size: Scoring batch size.
+    """
+    import json
+
+    from xrec_pl.evaluate import evaluate_files
+
+    kwargs = {
+        "bertscore_model": bertscore_model,
+        "bertscore_layers": bertscore_layers,
+        "rescale_with_baseline": rescale_with_baseline,
+        "bleurt_checkpoint": bleurt_checkpoint,
+        "bartscore_checkpoint": bartscore_checkpoint,
+        "judge_model": judge_model,
+        "batch_size": batch_size,
+    }
+    result = evaluate_files(
+        predictions,
+        references,
+        metrics=tuple(metrics or ("usr", "bertscore")),
+        output=output,
+        **{k: v for k, v in kwargs.items() if v is not None},
+    )
+    sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def _tool_functions() -> dict[str, Any]:
+    from xrec_pl.bench import bench
+    from xrec_pl.pipeline import experiment, pipeline
+
+    return {
+        "pipeline": pipeline,
+        "evaluate": evaluate,
+        "make-synthetic": make_synthetic,
+        "convert": convert,
+        "bench": bench,
+        "experiment": experiment,
+    }
+
+
+USAGE = """usage: xrec-pl COMMAND [options]
+
+Training (LightningCLI; pick the stage with a config):
+  fit | validate | test | predict   -c configs/stage1/synthetic.yaml  (or configs/stage2/..., any overrides)
+
+Tools:
+  pipeline        stage 1 -> stage 2 -> predict -> score, into one run folder
+  evaluate        score a prediction file (BERTScore, USR, BLEURT, BARTScore, LLM judge)
+  make-synthetic  write the deterministic synthetic XRec-format dataset
+  convert         convert an XRec folder's pickles to parquet/jsonl once
+  bench           benchmarks against reference-style implementations
+  experiment      run an ablation suite over seeds and write a report
+
+`xrec-pl COMMAND --help` shows every option of a command.
+"""
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from xrec_pl.data.io import DataError
+
+    return (DataError, ConfigError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``xrec-pl`` console script."""
+    _offline_defaults()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        sys.stdout.write(USAGE)
+        return 0
+    try:
+        if argv[0] in STAGE_COMMANDS:
+            XrecCLI(args=argv)
+        elif argv[0] in TOOL_COMMANDS:
+            from jsonargparse import CLI
+
+            CLI(_tool_functions(), args=argv, as_positional=False)
+        else:
+            sys.stderr.write(f"xrec-pl: error: unknown command {argv[0]!r}\n\n{USAGE}")
+            return 2
+    except _errors() as err:
+        sys.stderr.write(f"xrec-pl: error: {err}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
