@@ -1,0 +1,677 @@
+"""Reading and checking XRec-format data folders without trusting their pickles.
+
+An XRec folder (DESIGN §2) holds ``para_dict.pickle``, ``total_{trn,val,tst}.csv``, ``{trn,val,tst}.pkl`` and
+optionally the reference's ``user_emb.pkl``/``item_emb.pkl``. Pickles run code when loaded, so every pickle goes
+through :func:`safe_load_pickle`, whose unpickler resolves only the globals that plain containers, numpy arrays and
+pandas DataFrames/Series need and refuses everything else. :func:`convert_folder` rewrites a folder once into
+Parquet/JSONL/JSON/safetensors so that later reads need no unpickling at all.
+
+Every problem with an input file raises :class:`DataError` (a ``ValueError``) whose one-line message starts with the
+file's path.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import importlib
+import io
+import json
+import logging
+import os
+import pickle
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from xrec_pl.utils import atomic_path, atomic_write_text, atomic_write_with, write_jsonl
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+RECORD_COLUMNS = ("uid", "iid", "title", "user_summary", "item_summary", "explanation")
+TEXT_COLUMNS = RECORD_COLUMNS[2:]
+SPLITS = ("trn", "val", "tst")
+EMBEDDINGS_FILENAME = "embeddings.safetensors"
+# Preference when a split exists in several formats: plain formats first, the pickle last.
+RECORD_SUFFIXES = (".parquet", ".jsonl", ".pkl")
+
+
+class DataError(ValueError):
+    """Bad or unsafe input data. The message starts with the offending file's path."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Restricted unpickler
+# --------------------------------------------------------------------------------------------------------------------
+# Exact globals that are safe to call with attacker-chosen arguments: constructors of inert values, and the
+# reconstruction helpers numpy/pandas emit. Nothing here evaluates code, imports modules, opens files or calls an
+# argument it is given, except with callables that themselves passed this same filter.
+_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        *(("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex")),
+        *(("builtins", n) for n in ("str", "bytes", "bytearray", "bool", "slice", "range", "object")),
+        ("_codecs", "encode"),  # protocol-2 pickles spell bytes as _codecs.encode(text, "latin1")
+        ("copyreg", "_reconstructor"),  # protocol 0/1 object rebuild; its class arguments pass this filter too
+        ("collections", "OrderedDict"),
+        ("collections", "defaultdict"),
+        *(("datetime", n) for n in ("date", "datetime", "time", "timedelta", "timezone")),
+        ("numpy", "dtype"),
+        ("numpy", "ndarray"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy._core.numeric", "_frombuffer"),
+        # pandas 3 stores str columns as Arrow arrays: these rebuild an array from raw buffers and a type alias.
+        ("pyarrow.lib", "_restore_array"),
+        ("pyarrow.lib", "py_buffer"),
+        ("pyarrow.lib", "type_for_alias"),
+    }
+)
+# Reconstruction functions pandas emits; they move between private modules across versions, so they are matched by
+# name inside the pandas modules below. Each one only rebuilds a pandas object from its state.
+_PANDAS_HELPERS = frozenset(
+    {
+        "_new_Index",
+        "_new_DatetimeIndex",
+        "_new_PeriodIndex",
+        "_new_IntervalIndex",
+        "_unpickle_block",
+        "new_block",
+        "_unpickle_timestamp",
+        "_timedelta_unpickle",
+        "_nat_unpickle",
+        "__pyx_unpickle_NDArrayBacked",
+        "__pyx_unpickle_IntervalMixin",
+    }
+)
+_PANDAS_MODULE_PREFIXES = ("pandas.core.", "pandas._libs.", "pandas.tseries.")
+_PANDAS_MODULES = ("pandas", "pandas.arrays", "pandas.api.types", "pandas.api.extensions")
+
+
+def _pandas_safe_types() -> tuple[type, ...]:
+    from pandas._libs.sparse import SparseIndex
+    from pandas.api.extensions import ExtensionArray, ExtensionDtype
+    from pandas.core.internals.blocks import Block
+    from pandas.core.internals.managers import BaseBlockManager
+    from pandas.tseries.offsets import BaseOffset
+
+    return (
+        pd.DataFrame,
+        pd.Series,
+        pd.Index,
+        ExtensionArray,
+        ExtensionDtype,
+        BaseBlockManager,
+        Block,
+        SparseIndex,
+        BaseOffset,
+        pd.Timestamp,
+        pd.Timedelta,
+        pd.Period,
+        pd.Interval,
+        np.dtype,
+    )
+
+
+def _normalise_module(module: str) -> str:
+    # numpy 2 renamed numpy.core to numpy._core; old pickles use the old name (and importing it warns).
+    if module == "numpy.core" or module.startswith("numpy.core."):
+        return "numpy._core" + module[len("numpy.core") :]
+    return module
+
+
+def _is_pandas_module(module: str) -> bool:
+    return module in _PANDAS_MODULES or module.startswith(_PANDAS_MODULE_PREFIXES)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler whose ``find_class`` resolves only allow-listed globals (see module docstring)."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file)
+        self._path = path
+
+    def _refuse(self, module: str, name: str) -> DataError:
+        return DataError(
+            f"{self._path}: refused global '{module}.{name}' (data pickles may only hold containers, numbers, strings, "
+            "numpy arrays and pandas objects)"
+        )
+
+    def _resolve(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return getattr(importlib.import_module(module), name)
+        if module in ("numpy", "numpy.dtypes") or module.startswith("numpy.dtypes."):
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type) and issubclass(obj, np.dtype):  # numpy.dtypes.Float64DType and friends
+                return obj
+            if module == "numpy" and isinstance(obj, type) and issubclass(obj, np.generic):  # np.float64, np.int64
+                return obj
+            return None
+        if _is_pandas_module(module):
+            mod = importlib.import_module(module)
+            obj = getattr(mod, name, None)
+            if obj is None:
+                return None
+            if name in _PANDAS_HELPERS:
+                return obj
+            if isinstance(obj, type) and issubclass(obj, _pandas_safe_types()):
+                return obj
+            if obj is pd.NA or obj is pd.NaT:
+                return obj
+        return None
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Python-2 era names (__builtin__.set, copy_reg, ...) as the default find_class maps them for protocol < 3;
+        # those modules do not exist in Python 3, so mapping them whatever the protocol changes nothing else.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        module = _normalise_module(module)
+        if "." in name or (name.startswith("__") and not name.startswith("__pyx_unpickle")):
+            raise self._refuse(module, name)  # no attribute chains (getattr tricks) and no dunders
+        try:
+            obj = self._resolve(module, name)
+        except ImportError:
+            obj = None
+        if obj is None:
+            raise self._refuse(module, name)
+        return obj
+
+
+def _load_with(unpickler_cls: Callable[..., pickle.Unpickler], path: Path) -> Any:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as fh:
+            return unpickler_cls(fh, path).load()
+    except DataError:
+        raise
+    except MemoryError as err:
+        raise DataError(f"{path}: not a readable pickle (MemoryError: corrupt length field?)") from err
+    except Exception as err:  # truncated / corrupt / not a pickle: the unpickler raises many exception types
+        detail = str(err).splitlines()[0][:200] if str(err) else ""
+        raise DataError(f"{path}: not a readable pickle ({type(err).__name__}: {detail})") from err
+
+
+def safe_load_pickle(path: str | os.PathLike) -> Any:
+    """Load a pickle, allowing only what plain containers, numbers, strings, numpy arrays and pandas objects need.
+
+    Globals outside the allow-list (``os.system``, ``subprocess.*``, ``builtins.eval``/``getattr``/``__import__``,
+    ``functools.partial``, torch, ...) are refused before anything is called.
+
+    Args:
+        path: pickle file.
+
+    Returns:
+        The unpickled object.
+
+    Raises:
+        DataError: the file is missing, not a pickle, truncated, or references a refused global.
+    """
+    return _load_with(_RestrictedUnpickler, Path(path))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# para_dict
+# --------------------------------------------------------------------------------------------------------------------
+def _para_dict_path(data_dir: Path) -> Path:
+    for name in ("para_dict.json", "para_dict.pickle", "para_dict.pkl"):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    raise DataError(f"{data_dir / 'para_dict.pickle'}: file not found (nor para_dict.json)")
+
+
+def _check_int(path: Path, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise DataError(f"{path}: '{key}' must be a positive integer (found {value!r})")
+    return int(value)
+
+
+def _check_neighbours(path: Path, key: str, lists: Any, length: int, bound: int) -> list[list[int]]:
+    if not isinstance(lists, (list, tuple)):
+        raise DataError(f"{path}: '{key}' must be a list of lists (found {type(lists).__name__})")
+    if len(lists) != length:
+        raise DataError(f"{path}: '{key}' has {len(lists)} entries, expected {length}")
+    out = []
+    for i, nb in enumerate(lists):
+        try:
+            arr = np.asarray(nb, dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError) as err:
+            raise DataError(f"{path}: '{key}'[{i}] is not a list of integers") from err
+        if arr.size and (arr.min() < 0 or arr.max() >= bound):
+            raise DataError(f"{path}: '{key}'[{i}] holds an id outside [0, {bound})")
+        out.append(arr.tolist())
+    return out
+
+
+def read_para_dict(data_dir: str | os.PathLike) -> dict:
+    """Read and validate ``para_dict.json`` (written by :func:`convert_folder`) or ``para_dict.pickle``.
+
+    Args:
+        data_dir: XRec data folder.
+
+    Returns:
+        ``{"user_num": int, "item_num": int, "{split}_user_nb": list[list[int]], "{split}_item_nb": ...}`` for the
+        splits present (``trn`` is required). Other keys are passed through.
+
+    Raises:
+        DataError: missing file, missing key, wrong lengths or ids out of range.
+    """
+    path = _para_dict_path(Path(data_dir))
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not valid JSON ({err})") from err
+    else:
+        raw = safe_load_pickle(path)
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a dict, found {type(raw).__name__}")
+    for key in ("user_num", "item_num", "trn_user_nb", "trn_item_nb"):
+        if key not in raw:
+            raise DataError(f"{path}: missing key '{key}' (found: {', '.join(map(str, raw))})")
+    out = dict(raw)
+    out["user_num"] = n_users = _check_int(path, "user_num", raw["user_num"])
+    out["item_num"] = n_items = _check_int(path, "item_num", raw["item_num"])
+    for split in SPLITS:
+        for side, length, bound in (("user", n_users, n_items), ("item", n_items, n_users)):
+            key = f"{split}_{side}_nb"
+            if key in raw:
+                out[key] = _check_neighbours(path, key, raw[key], length, bound)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Interactions
+# --------------------------------------------------------------------------------------------------------------------
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def read_interactions(data_dir: str | os.PathLike, split: str, num_users: int, num_items: int) -> np.ndarray:
+    """Read ``total_{split}.csv`` as an ``(N, 2)`` int64 array of ``[user, item]`` rows.
+
+    Extra columns are ignored; duplicate rows are kept (and counted in a log message).
+
+    Raises:
+        DataError: missing file or columns, non-integer ids, ids outside ``[0, num_users)``/``[0, num_items)``,
+            or no rows.
+    """
+    _check_split(split)
+    path = Path(data_dir) / f"total_{split}.csv"
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError as err:
+        raise DataError(f"{path}: empty file (expected a header 'user,item' and rows)") from err
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{path}: not a readable CSV ({str(err).splitlines()[0]})") from err
+    missing = [c for c in ("user", "item") if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column '{missing[0]}' (found: {', '.join(map(str, df.columns))})")
+    if len(df) == 0:
+        raise DataError(f"{path}: no interactions")
+    pairs = np.empty((len(df), 2), dtype=np.int64)  # (N, 2)
+    for j, (col, bound) in enumerate((("user", num_users), ("item", num_items))):
+        values = df[col]
+        if not pd.api.types.is_integer_dtype(values.dtype):
+            bad = pd.to_numeric(values, errors="coerce")
+            bad_rows = np.flatnonzero(bad.isna().to_numpy() | (bad % 1 != 0).to_numpy())
+            first = int(bad_rows[0]) if bad_rows.size else 0
+            raise DataError(
+                f"{path}: column '{col}' holds a non-integer value {values.iloc[first]!r} (line {first + 2})"
+            )
+        arr = values.to_numpy(dtype=np.int64)
+        bad_rows = np.flatnonzero((arr < 0) | (arr >= bound))
+        if bad_rows.size:
+            first = int(bad_rows[0])
+            raise DataError(
+                f"{path}: {bad_rows.size} {col} id(s) outside [0, {bound}), first {arr[first]} on line {first + 2}"
+            )
+        pairs[:, j] = arr
+    n_unique = np.unique(pairs[:, 0] * np.int64(num_items) + pairs[:, 1]).size
+    if n_unique < len(pairs):
+        log.info("%s: %d duplicate interaction row(s) of %d", path, len(pairs) - n_unique, len(pairs))
+    return pairs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text records
+# --------------------------------------------------------------------------------------------------------------------
+def _record_path(data_dir: Path, split: str) -> Path:
+    for suffix in RECORD_SUFFIXES:
+        path = data_dir / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    raise DataError(f"{data_dir / f'{split}.pkl'}: file not found (nor {split}.parquet / {split}.jsonl)")
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {lineno} is not a JSON object")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _load_record_frame(path: Path) -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        try:
+            return pd.read_parquet(path)
+        except Exception as err:  # pyarrow raises its own error types for corrupt files
+            raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from err
+    if path.suffix == ".jsonl":
+        try:
+            return _read_jsonl(path)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text") from err
+    obj = safe_load_pickle(path)
+    if not isinstance(obj, pd.DataFrame):
+        raise DataError(f"{path}: expected a pandas DataFrame, found {type(obj).__name__}")
+    return obj
+
+
+def check_records(
+    df: pd.DataFrame, path: str | os.PathLike, num_users: int | None = None, num_items: int | None = None
+) -> pd.DataFrame:
+    """Validate a record table (columns, non-empty strings, integer ids in range) and return a clean copy.
+
+    The result has ``RECORD_COLUMNS`` first (extra columns kept after them), int64 ids and a fresh RangeIndex.
+    """
+    missing = [c for c in RECORD_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column '{missing[0]}' (found: {', '.join(map(str, df.columns))})")
+    if len(df) == 0:
+        raise DataError(f"{path}: no records")
+    df = df[list(RECORD_COLUMNS) + [c for c in df.columns if c not in RECORD_COLUMNS]].reset_index(drop=True)
+    for col, bound in (("uid", num_users), ("iid", num_items)):
+        values = df[col]
+        if not pd.api.types.is_integer_dtype(values.dtype):
+            raise DataError(f"{path}: column '{col}' must hold integers (found dtype {values.dtype})")
+        arr = values.to_numpy(dtype=np.int64)
+        bad = np.flatnonzero((arr < 0) | ((arr >= bound) if bound is not None else False))
+        if bad.size:
+            raise DataError(
+                f"{path}: {bad.size} '{col}' value(s) outside [0, {bound if bound is not None else 'inf'}), "
+                f"first {arr[bad[0]]} in row {int(bad[0])}"
+            )
+        df[col] = arr
+    for col in TEXT_COLUMNS:
+        ok = df[col].map(lambda v: isinstance(v, str) and bool(v.strip())).to_numpy(dtype=bool)
+        if not ok.all():
+            row = int(np.flatnonzero(~ok)[0])
+            raise DataError(f"{path}: column '{col}' row {row} is not a non-empty string ({df[col].iloc[row]!r})")
+    return df
+
+
+def read_records(
+    data_dir: str | os.PathLike, split: str, num_users: int | None = None, num_items: int | None = None
+) -> pd.DataFrame:
+    """Read the text records of a split: ``{split}.parquet``, ``{split}.jsonl`` or ``{split}.pkl``.
+
+    Where several exist the plain formats win (Parquet, then JSONL), so a converted folder never unpickles.
+
+    Args:
+        data_dir: XRec data folder.
+        split: ``trn``, ``val`` or ``tst``.
+        num_users: when given, ``uid`` must lie in ``[0, num_users)``.
+        num_items: when given, ``iid`` must lie in ``[0, num_items)``.
+
+    Returns:
+        DataFrame with ``RECORD_COLUMNS`` first, int64 ``uid``/``iid``, RangeIndex.
+
+    Raises:
+        DataError: missing file or column, empty split, null/non-string text, ids out of range.
+    """
+    _check_split(split)
+    path = _record_path(Path(data_dir), split)
+    return check_records(_load_record_frame(path), path, num_users, num_items)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------------------------------
+def _as_matrix(path: Path, name: str, value: Any) -> Tensor:
+    import torch
+
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+        desc = tuple(value.shape) if hasattr(value, "shape") else type(value).__name__
+        raise DataError(f"{path}: '{name}' must be a 2-D tensor (found {desc})")
+    if not (value.is_floating_point() and torch.isfinite(value).all()):
+        raise DataError(f"{path}: '{name}' must hold finite floating-point values")
+    return value.detach().to(device="cpu", dtype=torch.float32).contiguous()
+
+
+def save_embeddings(
+    path: str | os.PathLike, user: Tensor, item: Tensor, metadata: dict[str, str] | None = None
+) -> None:
+    """Write user/item embedding matrices as safetensors (keys ``user``, ``item``; float32), atomically.
+
+    Args:
+        path: destination ``.safetensors`` file.
+        user: ``(num_users, dim)`` tensor.
+        item: ``(num_items, dim)`` tensor.
+        metadata: extra string metadata stored in the header (``num_users``, ``num_items``, ``dim`` are added).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    user_t, item_t = _as_matrix(path, "user", user), _as_matrix(path, "item", item)
+    if user_t.shape[1] != item_t.shape[1]:
+        raise ValueError(f"{path}: user dim {user_t.shape[1]} != item dim {item_t.shape[1]}")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta.update(num_users=str(user_t.shape[0]), num_items=str(item_t.shape[0]), dim=str(user_t.shape[1]))
+    atomic_write_with(path, lambda tmp: save_file({"user": user_t, "item": item_t}, str(tmp), metadata=meta))
+
+
+def _load_safetensors(path: Path) -> tuple[Tensor, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable safetensors file ({err})") from err
+    missing = [k for k in ("user", "item") if k not in tensors]
+    if missing:
+        raise DataError(f"{path}: missing tensor '{missing[0]}' (found: {', '.join(tensors)})")
+    user, item = _as_matrix(path, "user", tensors["user"]), _as_matrix(path, "item", tensors["item"])
+    if user.shape[1] != item.shape[1]:
+        raise DataError(f"{path}: user dim {user.shape[1]} != item dim {item.shape[1]}")
+    return user, item
+
+
+def _storage_from_bytes(data: bytes) -> Any:
+    # Stands in for torch.storage._load_from_bytes, which would call torch.load(weights_only=False) on the bytes.
+    import torch
+
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+class _TensorUnpickler(_RestrictedUnpickler):
+    """Restricted unpickler that also rebuilds tensors written with plain ``pickle.dump(tensor)`` (the reference)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+            import torch._utils
+
+            return getattr(torch._utils, name)
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes
+        return super().find_class(module, name)
+
+
+def _load_reference_tensor(path: Path) -> Tensor:
+    import torch
+
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns about pickle protocols it did not write
+        try:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # not a torch.save file: the reference wrote these with pickle.dump
+            value = _load_with(_TensorUnpickler, path)
+    return _as_matrix(path, path.stem, value)
+
+
+def load_embeddings(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
+    """Load ``(user, item)`` float32 embedding matrices.
+
+    Args:
+        path: a ``.safetensors`` file written by :func:`save_embeddings`; a folder holding ``embeddings.safetensors``
+            or the reference's ``user_emb.pkl`` + ``item_emb.pkl``; or the path of ``user_emb.pkl`` itself. The
+            reference files load with ``torch.load(weights_only=True)``, or, for plain ``pickle.dump`` tensors, a
+            restricted unpickler that only rebuilds tensors.
+
+    Returns:
+        ``user`` of shape ``(num_users, dim)`` and ``item`` of shape ``(num_items, dim)``, on CPU.
+
+    Raises:
+        DataError: missing/unreadable file, missing key, wrong shapes.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / EMBEDDINGS_FILENAME).is_file():
+            return _load_safetensors(path / EMBEDDINGS_FILENAME)
+        if (path / "user_emb.pkl").is_file():
+            return _load_reference_pair(path)
+        raise DataError(f"{path / EMBEDDINGS_FILENAME}: file not found (nor user_emb.pkl / item_emb.pkl)")
+    if path.name in ("user_emb.pkl", "item_emb.pkl"):
+        return _load_reference_pair(path.parent)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return _load_safetensors(path)
+
+
+def _load_reference_pair(folder: Path) -> tuple[Tensor, Tensor]:
+    user = _load_reference_tensor(folder / "user_emb.pkl")
+    item = _load_reference_tensor(folder / "item_emb.pkl")
+    if user.shape[1] != item.shape[1]:
+        raise DataError(f"{folder / 'item_emb.pkl'}: dim {item.shape[1]} != user_emb.pkl dim {user.shape[1]}")
+    return user, item
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------------------------------
+def _write_frame(df: pd.DataFrame, dst: Path, fmt: str) -> None:
+    if fmt == "parquet":
+        atomic_write_with(dst, lambda tmp: df.to_parquet(tmp, index=False))
+    else:
+        write_jsonl(dst, df.to_dict(orient="records"))
+
+
+def _numpy_scalar(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON data: {type(value).__name__}")
+
+
+def _is_jsonable(obj: Any) -> bool:
+    try:
+        json.dumps(obj, default=_numpy_scalar)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _write_compact_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, separators=(",", ":"), default=_numpy_scalar) + "\n")
+
+
+def convert_folder(
+    src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "parquet", overwrite: bool = False
+) -> list[Path]:
+    """Rewrite an XRec folder so that reading it needs no unpickling.
+
+    - ``{trn,val,tst}.pkl`` are validated with :func:`read_records` and written as ``{split}.parquet``/``.jsonl``;
+    - ``para_dict.pickle`` is validated and written as ``para_dict.json``;
+    - ``user_emb.pkl`` + ``item_emb.pkl`` become ``embeddings.safetensors``;
+    - any other pickle (in sub-folders too) holding a DataFrame becomes ``{stem}.{fmt}``, one holding plain JSON data
+      (e.g. ``xrec_release/tst_pred.pkl``, a list of strings) becomes ``{stem}.json``;
+    - every non-pickle file (CSV, JSON, README, ...) is copied.
+
+    Args:
+        src: XRec folder to read.
+        dst: destination folder (created).
+        fmt: ``"parquet"`` or ``"jsonl"`` for tables.
+        overwrite: replace existing destination files; otherwise any existing destination file is an error and
+            nothing is written.
+
+    Returns:
+        The files written, sorted.
+
+    Raises:
+        DataError: bad or unsafe input, or a destination file exists and ``overwrite`` is False.
+    """
+    if fmt not in ("parquet", "jsonl"):
+        raise ValueError(f"fmt must be 'parquet' or 'jsonl', got {fmt!r}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise DataError(f"{src}: not a folder")
+    if src.resolve() == dst.resolve():
+        raise DataError(f"{dst}: destination is the source folder")
+    jobs: list[tuple[Path, Callable[[], None]]] = []  # (destination, writer)
+    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
+    emb_pair = (src / "user_emb.pkl").is_file() and (src / "item_emb.pkl").is_file()
+    for path in files:
+        rel = path.relative_to(src)
+        out_dir = dst / rel.parent
+        if path.suffix not in (".pkl", ".pickle"):
+            jobs.append((dst / rel, lambda p=path, d=dst / rel: _copy(p, d)))
+        elif rel.parent == Path(".") and path.stem == "para_dict":
+            para = read_para_dict(src) if not (src / "para_dict.json").is_file() else None
+            if para is not None:
+                jobs.append(
+                    (out_dir / "para_dict.json", lambda d=out_dir / "para_dict.json", v=para: _write_compact_json(d, v))
+                )
+        elif rel.parent == Path(".") and path.stem in SPLITS:
+            frame = check_records(_load_record_frame(path), path)
+            target = out_dir / f"{path.stem}.{fmt}"
+            jobs.append((target, lambda f=frame, d=target: _write_frame(f, d, fmt)))
+        elif emb_pair and rel.parent == Path(".") and path.name in ("user_emb.pkl", "item_emb.pkl"):
+            if path.name == "user_emb.pkl":
+                user, item = _load_reference_pair(src)
+                target = out_dir / EMBEDDINGS_FILENAME
+                jobs.append((target, lambda d=target, u=user, i=item: save_embeddings(d, u, i, {"source": "xrec"})))
+        else:
+            obj = safe_load_pickle(path)
+            if isinstance(obj, pd.DataFrame):
+                target = out_dir / f"{path.stem}.{fmt}"
+                jobs.append((target, lambda f=obj, d=target: _write_frame(f, d, fmt)))
+            elif _is_jsonable(obj):
+                target = out_dir / f"{path.stem}.json"
+                jobs.append((target, lambda d=target, v=obj: _write_compact_json(d, v)))
+            else:
+                raise DataError(f"{path}: cannot convert a pickled {type(obj).__name__} (not a DataFrame or JSON data)")
+    targets = [t for t, _ in jobs]
+    clash = [t for t in targets if t.exists()]
+    if clash and not overwrite:
+        raise DataError(f"{clash[0]}: destination exists ({len(clash)} file(s) in all; pass overwrite=True)")
+    for _, write in jobs:
+        write()
+    log.info("converted %s -> %s (%d files)", src, dst, len(jobs))
+    return sorted(targets)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
