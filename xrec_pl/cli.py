@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
 STAGE_COMMANDS = ("fit", "validate", "test", "predict")
 TOOL_COMMANDS = ("pipeline", "evaluate", "make-synthetic", "convert", "bench", "experiment")
 
@@ -91,39 +93,30 @@ def place_run_outputs(trainer_cfg: Any, *, subcommand: str | None, ckpt_path: st
     return root
 
 
-def _lightning_cli_class():
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+class XrecSaveConfig(SaveConfigCallback):
+    """Save the resolved config beside the logs (a new versioned folder per run) and into the W&B run config."""
 
-    class XrecSaveConfig(SaveConfigCallback):
-        """Save the resolved config beside the logs and, when W&B is attached, into the W&B run config."""
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
 
-        def save_config(self, trainer, pl_module, stage) -> None:
-            from lightning.pytorch.loggers import WandbLogger
-
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
-
-    class XrecCLI(LightningCLI):
-        """LightningCLI for every xrec-pl stage; the model and data classes come from the YAML's ``class_path``."""
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("subclass_mode_model", True)
-            kwargs.setdefault("subclass_mode_data", True)
-            kwargs.setdefault("save_config_callback", XrecSaveConfig)
-            kwargs.setdefault("auto_configure_optimizers", False)
-            super().__init__(*args, **kwargs)
-
-        def before_instantiate_classes(self) -> None:
-            cfg = self.config[self.subcommand] if self.subcommand else self.config
-            place_run_outputs(cfg.trainer, subcommand=self.subcommand, ckpt_path=cfg.get("ckpt_path"))
-
-    return XrecCLI
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
 
 
-def XrecCLI(*args: Any, **kwargs: Any):  # noqa: N802 - a factory that reads like the class it builds
-    """Build the project's LightningCLI (see :func:`_lightning_cli_class`). Imports Lightning lazily."""
-    return _lightning_cli_class()(*args, **kwargs)
+class XrecCLI(LightningCLI):
+    """LightningCLI for every xrec-pl stage; the model and data classes come from the YAML's ``class_path``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", XrecSaveConfig)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        place_run_outputs(cfg.trainer, subcommand=self.subcommand, ckpt_path=cfg.get("ckpt_path"))
 
 
 # ----------------------------------------------------------------------------------------------------- tool commands
@@ -146,7 +139,7 @@ def make_synthetic(out: str = "data/synthetic", seed: int = 0, size: str = "defa
     return str(_make(target, seed=seed, size=size))
 
 
-def convert(src: str, dst: str, format: str = "parquet", overwrite: bool = False) -> list[str]:  # noqa: A002
+def convert(src: str, dst: str, format: str = "parquet", overwrite: bool = False) -> list[str]:
     """Convert an XRec data folder's pickles to a plain format once, so later reads never unpickle.
 
     Args:
@@ -214,7 +207,8 @@ def evaluate(
 
 def _tool_functions() -> dict[str, Any]:
     from xrec_pl.bench import bench
-    from xrec_pl.pipeline import experiment, pipeline
+    from xrec_pl.experiment import experiment
+    from xrec_pl.pipeline import pipeline
 
     return {
         "pipeline": pipeline,
