@@ -112,6 +112,7 @@ class XrecCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", XrecSaveConfig)
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("parser_kwargs", {"prog": "xrec-pl"})
         super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         elif argv[0] in TOOL_COMMANDS:
             from jsonargparse import CLI
 
-            CLI(_tool_functions(), args=argv, as_positional=False)
+            CLI(_tool_functions(), args=argv, as_positional=False, prog="xrec-pl")
         else:
             sys.stderr.write(f"xrec-pl: error: unknown command {argv[0]!r}\n\n{USAGE}")
             return 2

@@ -1,0 +1,72 @@
+"""The CLI's own logic: command dispatch, one-line errors, run-folder placement."""
+
+from __future__ import annotations
+
+import pytest
+from jsonargparse import Namespace
+
+from xrec_pl.cli import ConfigError, main, place_run_outputs
+
+
+def _trainer_cfg(root, ckpt_dirpath=None):
+    return Namespace(
+        default_root_dir=str(root),
+        logger=[Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(name="logs"))],
+        callbacks=[
+            Namespace(
+                class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                init_args=Namespace(dirpath=ckpt_dirpath, monitor="val/loss"),
+            ),
+            Namespace(class_path="callbacks.run_artifacts.MetricsJson", init_args=Namespace()),
+        ],
+    )
+
+
+def test_outputs_follow_default_root_dir(tmp_path):
+    cfg = _trainer_cfg(tmp_path / "run")
+    place_run_outputs(cfg, subcommand="fit", ckpt_path=None)
+    assert cfg.logger[0].init_args.save_dir == str(tmp_path / "run")
+    assert cfg.callbacks[0].init_args.dirpath == str(tmp_path / "run" / "checkpoints")
+
+
+def test_explicit_checkpoint_dir_is_kept(tmp_path):
+    cfg = _trainer_cfg(tmp_path / "run", ckpt_dirpath=str(tmp_path / "elsewhere"))
+    place_run_outputs(cfg, subcommand="fit", ckpt_path=None)
+    assert cfg.callbacks[0].init_args.dirpath == str(tmp_path / "elsewhere")
+
+
+def test_fit_refuses_to_write_over_previous_checkpoints(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").write_bytes(b"previous run")
+    with pytest.raises(ConfigError, match="--ckpt_path last"):
+        place_run_outputs(_trainer_cfg(tmp_path / "run"), subcommand="fit", ckpt_path=None)
+    # resuming, or evaluating, the same folder is fine
+    place_run_outputs(_trainer_cfg(tmp_path / "run"), subcommand="fit", ckpt_path="last")
+    place_run_outputs(_trainer_cfg(tmp_path / "run"), subcommand="test", ckpt_path=None)
+    assert (ckpts / "last.ckpt").read_bytes() == b"previous run"
+
+
+def test_help_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    assert "pipeline" in capsys.readouterr().out
+    assert main(["train-me"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "ds").mkdir()
+    code = main(["convert", "--src", str(tmp_path / "ds"), "--dst", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("xrec-pl: error: ") and len(err.splitlines()) == 1
+    assert str(tmp_path / "ds") in err
+
+
+def test_make_synthetic_refuses_non_empty_folder(tmp_path, capsys):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["make-synthetic", "--out", str(out), "--size", "tiny"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
