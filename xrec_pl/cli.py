@@ -151,7 +151,11 @@ def convert(src: str, dst: str, format: str = "parquet", overwrite: bool = False
     """
     from xrec_pl.data.io import convert_folder
 
-    return [str(p) for p in convert_folder(src, dst, fmt=format, overwrite=overwrite)]
+    written = [str(p) for p in convert_folder(src, dst, fmt=format, overwrite=overwrite)]
+    if not written:
+        raise ConfigError(f"{src}: no XRec files (para_dict.pickle, total_*.csv, *.pkl) to convert")
+    sys.stdout.write("\n".join(written) + "\n")
+    return written
 
 
 def evaluate(
