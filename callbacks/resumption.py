@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 from pathlib import Path
@@ -98,10 +99,8 @@ class PreemptionCheckpoint(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._previous is not None and hasattr(signal, "SIGUSR1"):
-            try:
+            with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signal.SIGUSR1, self._previous)
-            except (ValueError, TypeError):
-                pass
             self._previous = None
 
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:
