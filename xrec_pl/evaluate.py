@@ -1,0 +1,303 @@
+"""Score explanation files offline: the ``xrec-pl evaluate`` command and paired system comparisons.
+
+Inputs: our predict JSONL (one object per line with ``prediction`` and ``reference``), the reference code's
+pickled lists of strings (``tst_pred.pkl`` / ``tst_ref.pkl``, read with the restricted unpickler), a records
+table (pickle / parquet DataFrame: its ``explanation`` column serves as references) or plain text (one per line).
+
+Empty texts: an empty (whitespace-only) *prediction* is a model failure and is scored as it is (BERTScore gives
+it 0, by bert_score's rule; USR counts it as one sequence); the report counts them in ``empty_predictions``.
+An empty *reference* means broken data: ``DataError``. Different lengths, non-text entries, missing files or
+checkpoints are ``DataError``s naming the file.
+
+Per-metric options go in as ``<metric>={...}`` or flat ``<metric>_<option>=...`` keywords (``None`` values are
+ignored), so a CLI passes its flags straight through::
+
+    evaluate_files(args.predictions, args.references, metrics=args.metrics, output=args.output,
+                   bleurt_checkpoint=args.bleurt_checkpoint)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from xrec_pl.data.io import DataError
+from xrec_pl.utils import dump_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METRICS = ("usr", "bertscore")
+_DEVICE_METRICS = ("bertscore", "bleurt", "bartscore")
+
+
+# -- reading -------------------------------------------------------------------------------------------------
+def _check_text(path: Path | str, where: str, value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{path}: {where}: {field} is {type(value).__name__}, expected text")
+    return value
+
+
+def load_texts(path: str | os.PathLike, field: str = "prediction") -> list[str]:
+    """Read a list of texts from a JSONL / pickle / parquet / text file.
+
+    Args:
+        path: ``.jsonl`` (objects with ``field``), ``.pkl``/``.pickle`` (list of str, or a DataFrame with a
+            ``field`` column, or ``explanation`` when ``field == "reference"``), ``.parquet`` (DataFrame, same
+            columns) or ``.txt`` (one text per line).
+        field: ``"prediction"`` or ``"reference"`` (the JSONL field / DataFrame column).
+
+    Raises:
+        DataError: missing file, unknown format, malformed line, missing field, or a non-text entry.
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        texts = []
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from err
+                if not isinstance(row, dict) or field not in row:
+                    found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                    raise DataError(f"{path}: line {lineno}: missing field {field!r} (found: {found})")
+                texts.append(_check_text(path, f"line {lineno}", row[field], field))
+        return texts
+    if suffix in (".pkl", ".pickle", ".parquet"):
+        if suffix == ".parquet":
+            import pandas as pd
+
+            obj: Any = pd.read_parquet(path)
+        else:
+            from xrec_pl.data.io import safe_load_pickle
+
+            obj = safe_load_pickle(path)
+        return _texts_from_object(path, obj, field)
+    if suffix == ".txt":
+        return path.read_text(encoding="utf-8").splitlines()
+    raise DataError(f"{path}: unsupported file type {suffix!r} (expected .jsonl, .pkl, .pickle, .parquet or .txt)")
+
+
+def _texts_from_object(path: Path, obj: Any, field: str) -> list[str]:
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(obj, pd.DataFrame):
+        column = field if field in obj.columns else ("explanation" if field == "reference" else None)
+        if column not in obj.columns:
+            raise DataError(f"{path}: missing column {field!r} (found: {', '.join(map(str, obj.columns))})")
+        obj = obj[column]
+    if isinstance(obj, (pd.Series, np.ndarray)):
+        obj = list(obj)
+    if not isinstance(obj, (list, tuple)):
+        raise DataError(f"{path}: expected a list of texts, got {type(obj).__name__}")
+    return [_check_text(path, f"entry {i}", value, field) for i, value in enumerate(obj)]
+
+
+# -- metric options ------------------------------------------------------------------------------------------
+def split_metric_kwargs(metrics: Sequence[str], kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Route ``<metric>={...}`` / ``<metric>_<option>=value`` / ``device=`` keywords to each metric.
+
+    ``None`` values are dropped. Options for metrics not selected are ignored with a log message.
+    """
+    from xrec_pl.metrics import METRICS
+
+    names = sorted(METRICS, key=len, reverse=True)  # "llm_judge" before any shorter prefix
+    routed: dict[str, dict[str, Any]] = {name: {} for name in METRICS}
+    device = kwargs.pop("device", None)
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if key in METRICS:
+            if not isinstance(value, dict):
+                raise TypeError(f"{key}= must be a dict of {key} options, got {type(value).__name__}")
+            routed[key].update({k: v for k, v in value.items() if v is not None})
+            continue
+        name = next((n for n in names if key.startswith(n + "_")), None)
+        if name is None:
+            raise TypeError(f"unknown evaluate option {key!r} (use <metric>_<option>, e.g. bleurt_checkpoint)")
+        routed[name][key[len(name) + 1 :]] = value
+    selected = {m.lower().replace("-", "_") for m in metrics}
+    for name, opts in routed.items():
+        if opts and name not in selected:
+            log.info("ignoring options for metric %s (not selected): %s", name, ", ".join(opts))
+        if device is not None and name in _DEVICE_METRICS:
+            opts.setdefault("device", device)
+    return {name: routed[name] for name in selected if name in routed}
+
+
+# -- scoring -------------------------------------------------------------------------------------------------
+def _validate_pairs(predictions: Sequence[str], references: Sequence[str], sources: dict[str, str]) -> int:
+    pred_src = sources.get("predictions", "predictions")
+    ref_src = sources.get("references", "references")
+    if len(predictions) != len(references):
+        raise DataError(f"{pred_src}: {len(predictions)} predictions but {len(references)} references in {ref_src}")
+    if not predictions:
+        raise DataError(f"{pred_src}: no predictions to evaluate")
+    for src, name, texts in ((pred_src, "prediction", predictions), (ref_src, "reference", references)):
+        for i, text in enumerate(texts):
+            _check_text(src, f"entry {i}", text, name)
+    empty_refs = [i for i, r in enumerate(references) if not r.strip()]
+    if empty_refs:
+        shown = ", ".join(map(str, empty_refs[:10])) + (" ..." if len(empty_refs) > 10 else "")
+        raise DataError(f"{ref_src}: {len(empty_refs)} empty reference(s) at entries {shown}")
+    return sum(1 for p in predictions if not p.strip())
+
+
+def _run_metrics(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    metrics: Sequence[str],
+    ids: Sequence[int] | None,
+    chunk_size: int | None,
+    options: dict[str, dict[str, Any]],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Run each metric over all pairs; returns (scores, backbones, per-sample scores)."""
+    from xrec_pl.metrics import build_metric
+
+    predictions, references = list(predictions), list(references)
+    n = len(predictions)
+    ids = list(range(n)) if ids is None else list(ids)
+    if len(ids) != n or len(set(ids)) != n:
+        raise DataError(f"ids: expected {n} distinct sample ids, got {len(ids)} ({len(set(ids))} distinct)")
+    step = chunk_size or n
+    scores: dict[str, Any] = {}
+    backbones: dict[str, Any] = {}
+    per_sample: dict[str, Any] = {}
+    for name in metrics:
+        key = name.lower().replace("-", "_")
+        opts = dict(options.get(key, {}))
+        if key == "bertscore" and opts.get("idf") and opts.get("idf_sents") is None:
+            opts["idf_sents"] = references  # as bert_score.score(idf=True): idf from the references
+        metric = build_metric(key, **opts)
+        for start in range(0, n, step):
+            metric.update(
+                predictions[start : start + step], references[start : start + step], ids[start : start + step]
+            )
+        scores.update(metric.compute())
+        backbones[key] = metric.describe()
+        samples = metric.sample_scores()
+        sample_ids = samples.pop("sample_id").tolist()
+        for k, v in samples.items():
+            per_sample[k] = dict(zip(sample_ids, v.tolist()))
+    return scores, backbones, per_sample
+
+
+def evaluate(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    *,
+    ids: Sequence[int] | None = None,
+    chunk_size: int | None = None,
+    per_sample: bool = False,
+    sources: dict[str, str] | None = None,
+    **metric_kwargs: Any,
+) -> dict[str, Any]:
+    """Score paired predictions and references with the named metrics.
+
+    Args:
+        predictions: generated explanations.
+        references: ground-truth explanations, paired by position.
+        metrics: any of ``usr``, ``bertscore``, ``bleurt``, ``bartscore``, ``llm_judge``.
+        ids: sample ids (default ``0..n-1``), used in per-sample output.
+        chunk_size: pairs per metric update (``None``: all at once, which matches a direct
+            ``bert_score`` call exactly).
+        per_sample: also return ``per_sample[key] = [score per pair]`` (in input order).
+        sources: ``{"predictions": file, "references": file}`` for error messages and the report.
+        **metric_kwargs: per-metric options (see :func:`split_metric_kwargs`), e.g.
+            ``bertscore={"model_type": "roberta-large", "rescale_with_baseline": True}``, ``bleurt_checkpoint=...``.
+
+    Returns:
+        ``{"n", <metric keys> (bertscore_f1, bertscore_f1_std, usr, ...), "backbones": {metric: what produced
+        it}, "empty_predictions", "skipped": {metric: pairs left out of its mean}}`` (+ ``sources``, ``per_sample``).
+    """
+    sources = {k: str(v) for k, v in (sources or {}).items()}
+    empty = _validate_pairs(predictions, references, sources)
+    if not metrics:
+        raise ValueError("no metrics selected")
+    options = split_metric_kwargs(metrics, dict(metric_kwargs))
+    scores, backbones, samples = _run_metrics(predictions, references, metrics, ids, chunk_size, options)
+    result: dict[str, Any] = {"n": len(predictions), **scores, "backbones": backbones, "empty_predictions": empty}
+    result["skipped"] = {"llm_judge": int(scores["judge_unparsable"])} if "judge_unparsable" in scores else {}
+    if sources:
+        result["sources"] = sources
+    if per_sample:
+        order = list(range(len(predictions))) if ids is None else list(ids)
+        result["per_sample"] = {k: [v[i] for i in order] for k, v in samples.items()}
+    return result
+
+
+def _load_pair(predictions_path: str | os.PathLike, references_path: str | os.PathLike | None) -> tuple:
+    preds = load_texts(predictions_path, "prediction")
+    ref_path = predictions_path if references_path is None else references_path
+    refs = load_texts(ref_path, "reference")
+    return preds, refs, {"predictions": str(predictions_path), "references": str(ref_path)}
+
+
+def evaluate_files(
+    predictions_path: str | os.PathLike,
+    references_path: str | os.PathLike | None = None,
+    metrics: Sequence[str] | None = DEFAULT_METRICS,
+    output: str | os.PathLike | None = None,
+    **metric_kwargs: Any,
+) -> dict[str, Any]:
+    """:func:`evaluate` on files; references default to the ``reference`` field of the predictions JSONL.
+
+    Writes the result as JSON to ``output`` (atomically) when given, and returns it.
+    """
+    preds, refs, sources = _load_pair(predictions_path, references_path)
+    result = evaluate(preds, refs, metrics or DEFAULT_METRICS, sources=sources, **metric_kwargs)
+    if output is not None:
+        dump_json(output, result)
+    return result
+
+
+def compare_files(
+    a: str | os.PathLike,
+    b: str | os.PathLike,
+    references: str | os.PathLike | None = None,
+    metrics: Sequence[str] = ("bertscore",),
+    output: str | os.PathLike | None = None,
+    n_resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    **metric_kwargs: Any,
+) -> dict[str, Any]:
+    """Paired significance of system A vs system B on the same references, per metric key.
+
+    References default to the ``reference`` field of ``a``. Each system is scored like :func:`evaluate`; for every
+    per-sample key (``bertscore_f1``, ``bleurt``, ``llm_judge``, ...) the result holds means, ``mean_diff``
+    (A - B), its bootstrap CI and paired t-test / Wilcoxon p-values. USR (a set-level ratio) is reported
+    for both systems without a test.
+    """
+    from xrec_pl.metrics.significance import compare_scores
+
+    ref_path = a if references is None else references
+    refs = load_texts(ref_path, "reference")
+    systems = {}
+    for label, path in (("a", a), ("b", b)):
+        preds = load_texts(path, "prediction")
+        sources = {"predictions": str(path), "references": str(ref_path)}
+        systems[label] = evaluate(preds, refs, metrics, per_sample=True, sources=sources, **metric_kwargs)
+    samples_a = systems["a"].pop("per_sample")
+    samples_b = systems["b"].pop("per_sample")
+    result = {
+        "n": len(refs),
+        "a": systems["a"],
+        "b": systems["b"],
+        "tests": compare_scores(samples_a, samples_b, n_resamples=n_resamples, confidence=confidence, seed=seed),
+    }
+    if output is not None:
+        dump_json(output, result)
+    return result

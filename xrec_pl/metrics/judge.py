@@ -1,0 +1,181 @@
+"""LLM-as-judge similarity (GPTScore in XRec): a local causal LM rates each prediction against its reference 0-100.
+
+The judge is asked for one number; we decode greedily for a few tokens and parse the first number in the answer.
+Answers without a usable number are *unparsable*: they are left out of the mean, counted, and reported as
+``judge_unparsable`` -- never an exception. Judges disagree by tens of points on the same outputs, so compare
+systems only under one judge (``describe()`` names it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from xrec_pl.metrics.base import PerSampleMetric, mean_std
+
+JUDGE_SYSTEM = "You grade explanations written by a recommender system. You reply with a number only."
+JUDGE_TEMPLATE = (
+    "Compare a candidate explanation with a reference explanation of why a user would enjoy an item.\n"
+    "How close is the candidate to the reference in meaning and in the reasons it gives? "
+    "Give a score from 0 (nothing in common) to 100 (the same meaning). Reply with the number only.\n\n"
+    "Reference: {reference}\n"
+    "Candidate: {prediction}\n\n"
+    "Score (0-100):"
+)
+PROMPT_VERSION = "xrec-pl-judge-v1"
+
+_FRACTION = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/|out of)\s*(10|100)\b", re.IGNORECASE)
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
+
+
+def parse_judge_score(text: str) -> float | None:
+    """The 0-100 score in a judge's answer, or ``None`` if there is none.
+
+    Accepts "85", " 85.", "Score: 85/100", "85%", "8/10" (scaled to 80), "**90**"; takes the first number;
+    a number outside [0, 100] (or a negative one) is unparsable.
+    """
+    if not isinstance(text, str):
+        return None
+    fraction = _FRACTION.search(text)
+    if fraction:
+        value, scale = float(fraction.group(1)), float(fraction.group(2))
+        if 0 <= value <= scale:
+            return value * 100.0 / scale
+        return None
+    match = _NUMBER.search(text)
+    if match is None:
+        return None
+    value = float(match.group(0))
+    return value if 0.0 <= value <= 100.0 else None
+
+
+def build_judge_prompt(prediction: str, reference: str, tokenizer: Any | None = None) -> str:
+    """The judge prompt; wrapped in the tokenizer's chat template when it has one."""
+    user = JUDGE_TEMPLATE.format(reference=reference.strip(), prediction=prediction.strip())
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{JUDGE_SYSTEM}\n\n{user}"
+
+
+class HFJudge:
+    """Greedy short generation with a (causal LM, tokenizer) pair: ``__call__(preds, refs) -> list[str]`` answers."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int = 6, batch_size: int = 8) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @torch.no_grad()
+    def __call__(self, preds: list[str], refs: list[str]) -> list[str]:
+        tok = self.tokenizer
+        chat = bool(getattr(tok, "chat_template", None))
+        answers: list[str] = []
+        old_side = tok.padding_side
+        tok.padding_side = "left"  # generation continues from the right edge
+        try:
+            device = next(self.model.parameters()).device
+            for start in range(0, len(preds), self.batch_size):
+                prompts = [
+                    build_judge_prompt(p, r, tok)
+                    for p, r in zip(preds[start : start + self.batch_size], refs[start : start + self.batch_size])
+                ]
+                enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+                out = self.model.generate(
+                    **enc,
+                    max_new_tokens=self.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )  # (b, S + new)
+                new = out[:, enc["input_ids"].shape[1] :]
+                answers.extend(tok.batch_decode(new, skip_special_tokens=True))
+        finally:
+            tok.padding_side = old_side
+        return answers
+
+
+class LLMJudge(PerSampleMetric):
+    """0-100 similarity from a local judge LM; ``compute()`` gives ``llm_judge``, ``llm_judge_std``,
+    ``judge_unparsable`` (count) and ``judge_n``.
+
+    Args:
+        judge: backend ``(preds, refs) -> list[str]`` raw answers (tests inject a scripted one). If None, an
+            :class:`HFJudge` is built on first use from ``model``/``tokenizer`` or, without them, from
+            ``xrec_pl.models.llm.load_frozen_llm(judge_model)``.
+        model: a causal LM to judge with (with ``tokenizer``).
+        tokenizer: its tokenizer.
+        judge_model: name or path for ``load_frozen_llm``; default the embedded SmolLM2-135M-Instruct.
+        max_new_tokens: generation budget for the answer.
+        batch_size: prompts per ``generate`` call.
+        **kwargs: passed to ``torchmetrics.Metric``.
+    """
+
+    score_names = ("score",)
+    sample_keys = {"score": "llm_judge"}
+
+    def __init__(
+        self,
+        judge: Callable[[list[str], list[str]], list[str]] | None = None,
+        model: Any | None = None,
+        tokenizer: Any | None = None,
+        judge_model: str = "embedded",
+        max_new_tokens: int = 6,
+        batch_size: int = 8,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if (model is None) != (tokenizer is None):
+            raise ValueError("LLMJudge: pass both model and tokenizer, or neither")
+        self.judge_model = judge_model if model is None else type(model).__name__
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        # Kept in a tuple so an injected nn.Module is not registered as a submodule of the metric.
+        self._pair = (model, tokenizer) if model is not None else None
+        self._judge = judge
+        self._injected = judge is not None
+
+    @property
+    def judge(self) -> Callable[[list[str], list[str]], list[str]]:
+        if self._judge is None:
+            if self._pair is None:
+                from xrec_pl.models.llm import load_frozen_llm
+
+                self._pair = load_frozen_llm(self.judge_model)
+            model, tokenizer = self._pair
+            self._judge = HFJudge(model, tokenizer, self.max_new_tokens, self.batch_size)
+        return self._judge
+
+    def _score(self, preds: list[str], target: list[str]) -> dict[str, Tensor]:
+        answers = list(self.judge(preds, target))
+        if len(answers) != len(preds):
+            raise RuntimeError(f"LLMJudge: judge returned {len(answers)} answers for {len(preds)} pairs")
+        parsed = [parse_judge_score(a) for a in answers]
+        return {"score": torch.tensor([math.nan if v is None else v for v in parsed], dtype=torch.float64)}
+
+    def _summarise(self, states: dict[str, Tensor]) -> dict[str, float]:
+        scores = states["score"]
+        mean, std = mean_std(scores)
+        unparsable = int(torch.isnan(scores).sum())
+        return {
+            "llm_judge": mean,
+            "llm_judge_std": std,
+            "judge_unparsable": float(unparsable),
+            "judge_n": float(scores.numel()),
+        }
+
+    def describe(self) -> dict[str, Any]:
+        if self._injected:
+            return {"backend": type(self._judge).__name__, "injected": True, "prompt": PROMPT_VERSION}
+        return {
+            "judge": self.judge_model,
+            "prompt": PROMPT_VERSION,
+            "decoding": f"greedy, {self.max_new_tokens} new tokens",
+        }
