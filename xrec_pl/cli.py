@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         elif argv[0] in TOOL_COMMANDS:
             from jsonargparse import CLI
 
+            # `-c` as in the stage commands (jsonargparse's function CLIs only know `--config`)
+            argv = ["--config" if arg == "-c" else arg for arg in argv]
             CLI(_tool_functions(), args=argv, as_positional=False, prog="xrec-pl")
         else:
             sys.stderr.write(f"xrec-pl: error: unknown command {argv[0]!r}\n\n{USAGE}")

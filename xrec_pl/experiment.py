@@ -71,6 +71,20 @@ class Suite:
     notes: str = ""
 
 
+def validate_suite(suite: Suite, where: str = "suite") -> Suite:
+    """Check arm names and the reference arm; errors name the suite file."""
+    from xrec_pl.cli import ConfigError
+
+    if not suite.arms:
+        raise ConfigError(f"{where}: the suite has no arms")
+    bad = [arm for arm in suite.arms if arm not in ARMS]
+    if bad:
+        raise ConfigError(f"{where}: unknown arm(s) {bad}; known arms: {sorted(ARMS)}")
+    if suite.reference_arm not in suite.arms:
+        raise ConfigError(f"{where}: reference_arm {suite.reference_arm!r} is not among the arms {suite.arms}")
+    return suite
+
+
 def load_suite(path: str) -> Suite:
     """Read and validate a suite YAML; unknown arms and keys are errors that name the file."""
     import yaml
@@ -87,13 +101,7 @@ def load_suite(path: str) -> Suite:
     missing = [k for k in ("name", "arms", "out_dir", "stage1_config", "stage2_config") if k not in raw]
     if missing:
         raise ConfigError(f"{file}: missing key(s) {missing}")
-    suite = Suite(**raw)
-    bad = [arm for arm in suite.arms if arm not in ARMS]
-    if bad:
-        raise ConfigError(f"{file}: unknown arm(s) {bad}; known arms: {sorted(ARMS)}")
-    if suite.reference_arm not in suite.arms:
-        raise ConfigError(f"{file}: reference_arm {suite.reference_arm!r} is not among the arms {suite.arms}")
-    return suite
+    return validate_suite(Suite(**raw), str(file))
 
 
 def _stage1_key(arm: str) -> str:
@@ -124,63 +132,106 @@ def _check_results_folder(suite: Suite, out: Path) -> None:
 
 
 def experiment(
-    suite: str = "configs/experiments/smoke.yaml",
-    seeds: list[int] | None = None,
+    name: str = "smoke",
     arms: list[str] | None = None,
-    out_dir: str | None = None,
+    out_dir: str = "runs/experiments/smoke",
+    stage1_config: str = "configs/stage1/synthetic.yaml",
+    stage2_config: str = "configs/stage2/synthetic.yaml",
+    data_dir: str | None = None,
+    synthetic_size: str = "default",
+    stage1_args: list[str] | None = None,
+    stage2_args: list[str] | None = None,
+    metrics: list[str] | None = None,
+    reference_arm: str = "xrec",
+    notes: str = "",
+    seeds: list[int] | None = None,
+    only: list[str] | None = None,
     report_only: bool = False,
 ) -> dict[str, Any]:
     """Run an ablation suite over seeds and write results.csv, significance.csv, report.md and report.png.
 
+    A suite is this command's config file: ``xrec-pl experiment -c configs/experiments/smoke.yaml --seeds '[0,1]'``.
+
     Args:
-        suite: Suite YAML (see ``configs/experiments/``).
+        name: Suite name (recorded in the results folder; another suite's folder is refused).
+        arms: Arms to run (see ``xrec_pl.experiment.ARMS``).
+        out_dir: Results folder.
+        stage1_config: Stage-1 LightningCLI config.
+        stage2_config: Stage-2 LightningCLI config.
+        data_dir: XRec data folder; ``None`` generates the synthetic dataset (one per seed).
+        synthetic_size: ``tiny`` or ``default`` when ``data_dir`` is ``None``.
+        stage1_args: Overrides for every stage-1 run.
+        stage2_args: Overrides for every stage-2 run (subset sizes, generation length).
+        metrics: Explanation metrics (default: usr, bertscore).
+        reference_arm: The arm every other arm is tested against.
+        notes: Free text placed at the top of the report.
         seeds: Seeds to run (default ``[0, 1]``).
-        arms: Run only these arms of the suite (default: all).
-        out_dir: Override the suite's results folder.
+        only: Run only these arms of the suite now (the report covers every finished arm).
         report_only: Do not train; rebuild the report from the finished runs.
     """
     from xrec_pl.cli import ConfigError
     from xrec_pl.pipeline import pipeline
 
-    spec = load_suite(suite)
+    spec = validate_suite(
+        Suite(
+            name=name,
+            arms=list(arms or []),
+            out_dir=out_dir,
+            stage1_config=stage1_config,
+            stage2_config=stage2_config,
+            data_dir=data_dir,
+            synthetic_size=synthetic_size,
+            stage1_args=list(stage1_args or []),
+            stage2_args=list(stage2_args or []),
+            metrics=list(metrics or ["usr", "bertscore"]),
+            reference_arm=reference_arm,
+            notes=notes,
+        ),
+        f"suite {name!r}",
+    )
     seeds = [0, 1] if seeds is None else list(seeds)
     if not seeds:
-        raise ConfigError(f"{suite}: the seed list is empty")
-    if arms:
-        bad = [a for a in arms if a not in spec.arms]
-        if bad:
-            raise ConfigError(f"{suite}: arm(s) {bad} are not in this suite ({spec.arms})")
-        spec.arms = list(arms)
-    out = Path(out_dir or spec.out_dir)
+        raise ConfigError(f"suite {name!r}: the seed list is empty")
+    to_run = list(only or spec.arms)
+    bad = [a for a in to_run if a not in spec.arms]
+    if bad:
+        raise ConfigError(f"suite {name!r}: arm(s) {bad} are not in this suite ({spec.arms})")
+    out = Path(spec.out_dir)
     _check_results_folder(spec, out)
     started = time.perf_counter()
 
     if not report_only:
         for seed in seeds:
-            for arm in spec.arms:
-                run_dir = out / arm / f"seed{seed}"
-                if (run_dir / "metrics.json").exists():
-                    continue
-                stage1_dir = out / "_stage1" / f"{_stage1_key(arm)}-seed{seed}"
-                emb = stage1_dir / "stage1" / "embeddings.safetensors"
-                data_dir = spec.data_dir or str(out / "_data" / f"seed{seed}")
-                if not emb.exists():
-                    pipeline_stage1(spec, stage1_dir, data_dir, seed, arm)
-                t0 = time.perf_counter()
-                pipeline(
-                    data_dir=data_dir,
-                    out_dir=str(run_dir),
-                    stage1_config=spec.stage1_config,
-                    stage2_config=spec.stage2_config,
-                    stage2_args=[*_config_args(ARMS[arm].get("stage2", [])), *spec.stage2_args],
-                    embeddings=str(emb),
-                    train_stage2=ARMS[arm].get("train", True),
-                    metrics=spec.metrics,
-                    seed=seed,
-                    show=0,
-                )
-                dump_json(run_dir / "wall.json", {"seconds": time.perf_counter() - t0})
+            for arm in to_run:
+                run_arm(spec, out, arm, seed, pipeline)
     return write_report(spec, out, seeds, wall_s=time.perf_counter() - started)
+
+
+def run_arm(spec: Suite, out: Path, arm: str, seed: int, pipeline: Any) -> Path:
+    """Run one (arm, seed) unless it already finished; returns its run folder."""
+    run_dir = out / arm / f"seed{seed}"
+    if (run_dir / "metrics.json").exists():
+        return run_dir
+    stage1_dir = out / "_stage1" / f"{_stage1_key(arm)}-seed{seed}"
+    emb = stage1_dir / "stage1" / "embeddings.safetensors"
+    data_dir = spec.data_dir or str(out / "_data" / f"seed{seed}")
+    if not emb.exists():
+        pipeline_stage1(spec, stage1_dir, data_dir, seed, arm)
+    t0 = time.perf_counter()
+    pipeline(
+        data_dir=data_dir,
+        out_dir=str(run_dir),
+        stage1_config=spec.stage1_config,
+        stage2_config=spec.stage2_config,
+        stage2_args=[*_config_args(ARMS[arm].get("stage2", [])), *spec.stage2_args],
+        embeddings=str(emb),
+        train_stage2=ARMS[arm].get("train", True),
+        metrics=spec.metrics,
+        seed=seed,
+        show=0,
+    )
+    dump_json(run_dir / "wall.json", {"seconds": time.perf_counter() - t0})
+    return run_dir
 
 
 def pipeline_stage1(spec: Suite, stage1_dir: Path, data_dir: str, seed: int, arm: str) -> None:
