@@ -264,7 +264,7 @@ def _per_sample(run_dir: Path) -> dict[str, dict[tuple[int, int], float]]:
 
 def write_report(spec: Suite, out: Path, seeds: list[int], wall_s: float = 0.0) -> dict[str, Any]:
     """Collect finished runs into results.csv, significance.csv, report.md and report.png."""
-    from xrec_pl.metrics.significance import paired_significance
+    from xrec_pl.metrics.significance import compare_paired
 
     rows: list[dict[str, Any]] = []
     for arm in spec.arms:
@@ -302,7 +302,7 @@ def write_report(spec: Suite, out: Path, seeds: list[int], wall_s: float = 0.0) 
                 a += [ours[k] for k in keys]
                 b += [ref[k] for k in keys]
             if len(a) >= 2:
-                result = paired_significance(np.asarray(a), np.asarray(b))
+                result = compare_paired(np.asarray(a), np.asarray(b))
                 sig_rows.append({"arm": arm, "vs": spec.reference_arm, "metric": metric, "n_pairs": len(a), **result})
     if sig_rows:
         _write_csv(out / "significance.csv", sig_rows, list(sig_rows[0]))
@@ -359,10 +359,10 @@ def _markdown(spec, seeds, summary, metric_names, sig_rows, wall_s, plot) -> str
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in sig_rows:
-            sig = "yes" if r.get("p_ttest", 1.0) < 0.05 and r.get("p_wilcoxon", 1.0) < 0.05 else "no"
+            sig = "yes" if r["t_pvalue"] < 0.05 and r["wilcoxon_pvalue"] < 0.05 else "no"
             lines.append(
                 f"| {r['arm']} | {r['metric']} | {r['n_pairs']} | {r['mean_diff']:+.4f} | "
-                f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_ttest']:.3g} | {r['p_wilcoxon']:.3g} | {sig} |"
+                f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['t_pvalue']:.3g} | {r['wilcoxon_pvalue']:.3g} | {sig} |"
             )
     lines += ["", "## Arms", ""] + [f"- `{arm}`: {ARMS[arm]['doc']}" for arm in spec.arms]
     if plot:

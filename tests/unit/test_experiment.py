@@ -1,0 +1,61 @@
+"""The experiment runner's validation and report, on fabricated finished runs (no training)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from xrec_pl.cli import ConfigError
+from xrec_pl.experiment import Suite, experiment, load_suite, write_report
+
+
+def _fake_run(run_dir, f1_scores, usr):
+    run_dir.mkdir(parents=True)
+    explanations = {"bertscore_f1": float(np.mean(f1_scores)), "usr": usr, "n": len(f1_scores)}
+    (run_dir / "metrics.json").write_text(json.dumps({"explanations": explanations}))
+    rows = [{"uid": i, "iid": 100 + i, "score": float(s)} for i, s in enumerate(f1_scores)]
+    (run_dir / "per_sample.json").write_text(json.dumps({"bertscore_f1": rows}))
+
+
+def test_report_from_finished_runs(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 0.7, size=40)
+    for seed in (0, 1):
+        _fake_run(tmp_path / "xrec" / f"seed{seed}", base + 0.05 + rng.normal(0, 0.005, 40), 1.0)
+        _fake_run(tmp_path / "fixed_emb" / f"seed{seed}", base + rng.normal(0, 0.005, 40), 0.5)
+        _fake_run(tmp_path / "no_moe" / f"seed{seed}", base + 0.05 + rng.normal(0, 0.005, 40), 1.0)
+    spec = Suite(
+        name="t", arms=["xrec", "fixed_emb", "no_moe"], out_dir=str(tmp_path), stage1_config="a", stage2_config="b"
+    )
+    result = write_report(spec, tmp_path, [0, 1])
+
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(rows) == 6 and {r["arm"] for r in rows} == {"xrec", "fixed_emb", "no_moe"}
+    sig = {r["arm"]: r for r in result["significance"]}
+    assert sig["fixed_emb"]["n"] == 80  # per-record pairs pooled over both seeds
+    assert sig["fixed_emb"]["mean_diff"] == pytest.approx(-0.05, abs=0.005)
+    assert sig["fixed_emb"]["ci_high"] < 0 and sig["fixed_emb"]["t_pvalue"] < 1e-6
+    assert sig["no_moe"]["t_pvalue"] > 0.01  # no real difference
+    report = (tmp_path / "report.md").read_text()
+    assert "| fixed_emb | bertscore_f1 | 80 | -0.05" in report
+    assert (tmp_path / "report.png").stat().st_size > 1000
+
+
+def test_unknown_arm_empty_seeds_and_foreign_folder(tmp_path):
+    with pytest.raises(ConfigError, match="unknown arm"):
+        experiment(name="t", arms=["xrec", "telepathy"], out_dir=str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="seed list is empty"):
+        experiment(name="t", arms=["xrec"], out_dir=str(tmp_path / "b"), seeds=[])
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "suite.json").write_text(json.dumps({"name": "other"}))
+    with pytest.raises(ConfigError, match="holds results of suite 'other'"):
+        experiment(name="t", arms=["xrec"], out_dir=str(tmp_path / "c"), report_only=True)
+
+
+def test_shipped_suites_load():
+    for name in ("smoke", "amazon-cpu", "amazon-7b"):
+        suite = load_suite(f"configs/experiments/{name}.yaml")
+        assert suite.reference_arm in suite.arms
