@@ -313,7 +313,12 @@ def write_report(spec: Suite, out: Path, seeds: list[int], wall_s: float = 0.0) 
 
 
 def spec_metrics_per_sample(spec: Suite) -> list[str]:
-    names = {"bertscore": ["bertscore_f1"], "bleurt": ["bleurt"], "bartscore": ["bartscore"], "judge": ["judge"]}
+    names = {
+        "bertscore": ["bertscore_f1"],
+        "bleurt": ["bleurt"],
+        "bartscore": ["bartscore"],
+        "llm_judge": ["llm_judge"],
+    }
     return [m for metric in spec.metrics for m in names.get(metric, [])]
 
 
@@ -376,7 +381,7 @@ def _plot(summary: dict[str, dict[str, tuple[float, float, int]]], path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("bertscore_f1", "usr", "bleurt", "judge") if any(m in s for s in summary.values())]
+    metrics = [m for m in ("bertscore_f1", "usr", "bleurt", "llm_judge") if any(m in s for s in summary.values())]
     if not metrics:
         return None
     arms = list(summary)

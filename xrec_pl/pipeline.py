@@ -164,7 +164,8 @@ def pipeline(
         timings["stage2_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    scores = evaluate_files(str(predictions), None, metrics=tuple(metrics or ("usr", "bertscore")))
+    scores = evaluate_files(str(predictions), None, metrics=tuple(metrics or ("usr", "bertscore")), per_sample=True)
+    _write_per_sample(out / "per_sample.json", predictions, scores.pop("per_sample", {}))
     timings["evaluate_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
@@ -181,6 +182,18 @@ def pipeline(
     dump_json(out / "timings.json", {**previous, **timings})
     _report(result, predictions, show)
     return result
+
+
+def _write_per_sample(path: Path, predictions: Path, per_sample: dict[str, list[float]]) -> None:
+    """Per-record scores keyed by (uid, iid), so runs can be compared pair by pair (paired significance)."""
+    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+    dump_json(
+        path,
+        {
+            key: [{"uid": r["uid"], "iid": r["iid"], "score": s} for r, s in zip(rows, scores)]
+            for key, scores in per_sample.items()
+        },
+    )
 
 
 def _report(result: dict[str, Any], predictions: Path, show: int) -> None:
