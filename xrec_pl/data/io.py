@@ -325,9 +325,9 @@ def read_interactions(data_dir: str | os.PathLike, split: str, num_users: int, n
             bad = pd.to_numeric(values, errors="coerce")
             bad_rows = np.flatnonzero(bad.isna().to_numpy() | (bad % 1 != 0).to_numpy())
             first = int(bad_rows[0]) if bad_rows.size else 0
-            raise DataError(
-                f"{path}: column '{col}' holds a non-integer value {values.iloc[first]!r} (line {first + 2})"
-            )
+            value = values.iloc[first]
+            value = value.item() if isinstance(value, np.generic) else value
+            raise DataError(f"{path}: column '{col}' holds a non-integer value {value!r} (line {first + 2})")
         arr = values.to_numpy(dtype=np.int64)
         bad_rows = np.flatnonzero((arr < 0) | (arr >= bound))
         if bad_rows.size:
@@ -391,7 +391,8 @@ def check_records(
 ) -> pd.DataFrame:
     """Validate a record table (columns, non-empty strings, integer ids in range) and return a clean copy.
 
-    The result has ``RECORD_COLUMNS`` first (extra columns kept after them), int64 ids and a fresh RangeIndex.
+    The result has ``RECORD_COLUMNS`` first (extra columns kept after them), int64 ids, object-dtype text columns
+    holding ``str`` (whatever the source format) and a fresh RangeIndex.
     """
     missing = [c for c in RECORD_COLUMNS if c not in df.columns]
     if missing:
@@ -399,6 +400,7 @@ def check_records(
     if len(df) == 0:
         raise DataError(f"{path}: no records")
     df = df[list(RECORD_COLUMNS) + [c for c in df.columns if c not in RECORD_COLUMNS]].reset_index(drop=True)
+    df.columns = pd.Index([str(c) for c in df.columns], dtype=object)
     for col, bound in (("uid", num_users), ("iid", num_items)):
         values = df[col]
         if not pd.api.types.is_integer_dtype(values.dtype):
@@ -416,6 +418,7 @@ def check_records(
         if not ok.all():
             row = int(np.flatnonzero(~ok)[0])
             raise DataError(f"{path}: column '{col}' row {row} is not a non-empty string ({df[col].iloc[row]!r})")
+        df[col] = df[col].astype(object)  # the same dtype whichever format the records came from
     return df
 
 
@@ -433,7 +436,7 @@ def read_records(
         num_items: when given, ``iid`` must lie in ``[0, num_items)``.
 
     Returns:
-        DataFrame with ``RECORD_COLUMNS`` first, int64 ``uid``/``iid``, RangeIndex.
+        DataFrame with ``RECORD_COLUMNS`` first, int64 ``uid``/``iid``, object-dtype ``str`` text, RangeIndex.
 
     Raises:
         DataError: missing file or column, empty split, null/non-string text, ids out of range.
