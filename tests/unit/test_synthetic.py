@@ -108,7 +108,7 @@ def test_interactions_follow_tastes_and_communities(synthetic_default_dir: Path)
 
 def test_refuses_to_overwrite_real_data(tmp_path: Path) -> None:
     (tmp_path / "para_dict.pickle").write_bytes(pickle.dumps({}))
-    with pytest.raises(FileExistsError, match="not made by make_synthetic"):
+    with pytest.raises(dio.DataError, match=rf"^{tmp_path}: holds XRec data not made by make_synthetic"):
         make_synthetic(tmp_path, size="tiny")
     with pytest.raises(ValueError, match="size must be one of"):
         make_synthetic(tmp_path / "x", size="huge")

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xrec_pl.data.io import DataError
 from xrec_pl.utils import atomic_write_text, atomic_write_with, dump_json
 
 GENRES = ("mystery", "fantasy", "romance", "science fiction", "history", "horror", "poetry", "travel")
@@ -302,7 +303,8 @@ def make_synthetic(
 
     Args:
         out_dir: destination folder (created). A folder already holding XRec data not made by this function is
-            refused, so real data is never overwritten; an earlier synthetic dataset is replaced.
+            refused with :class:`~xrec_pl.data.io.DataError`, so real data is never overwritten; an earlier synthetic
+            dataset is replaced.
         seed: random seed; the same seed, size and overrides give byte-identical files.
         size: ``"default"`` (600 users, 500 items, 400/60/60 records; a CPU first run) or ``"tiny"`` (60 users,
             50 items, 40/10/10 records; unit tests).
@@ -322,7 +324,7 @@ def make_synthetic(
         raise ValueError(f"too few items/users for {cfg.max_interactions} interactions per user: {cfg}")
     out = Path(out_dir)
     if (out / "para_dict.pickle").exists() and not (out / "meta.json").exists():
-        raise FileExistsError(f"{out}: holds XRec data not made by make_synthetic; refusing to overwrite it")
+        raise DataError(f"{out}: holds XRec data not made by make_synthetic; refusing to overwrite it")
 
     data = _generate(cfg, seed)
     edges = data["edges"]
