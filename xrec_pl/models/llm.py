@@ -66,7 +66,8 @@ class LLMInfo:
         num_kv_heads: number of key/value heads (< ``num_heads`` means grouped-query attention).
         vocab_size: tokenizer length after the added tokens (= rows of the resized embedding table).
         dtype: parameter dtype, e.g. ``"float32"``.
-        added_tokens: token -> id for every token this module added (reserved tokens, pad where added).
+        reserved_token_ids: token -> id of ``<USER_EMBED>``, ``<ITEM_EMBED>`` and the pad token (whoever added them).
+        added_tokens: token -> id of the tokens added at this load (empty for a folder saved with them).
         pad_token: the pad token in use.
     """
 
@@ -79,11 +80,12 @@ class LLMInfo:
     num_kv_heads: int
     vocab_size: int
     dtype: str
+    reserved_token_ids: dict[str, int] = field(default_factory=dict)
     added_tokens: dict[str, int] = field(default_factory=dict)
     pad_token: str | None = None
 
     # Fields that must agree for adapter weights trained on one LLM to be used with another.
-    IDENTITY_FIELDS = ("model_type", "hidden_size", "num_layers", "num_kv_heads", "vocab_size", "added_tokens")
+    IDENTITY_FIELDS = ("model_type", "hidden_size", "num_layers", "num_kv_heads", "vocab_size", "reserved_token_ids")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -424,6 +426,7 @@ def _describe(model, tokenizer, name: str, source: str, added: dict[str, int]) -
         num_heads=heads,
         num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
         vocab_size=len(tokenizer),
+        reserved_token_ids={t: tokenizer.convert_tokens_to_ids(t) for t in (*RESERVED_TOKENS, tokenizer.pad_token)},
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         added_tokens=dict(added),
         pad_token=tokenizer.pad_token,
