@@ -9,7 +9,6 @@ the scores: the padding a ``DistributedSampler`` adds (the same sample on two ra
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Sequence
@@ -23,18 +22,9 @@ from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from xrec_pl.data.io import DataError
+from xrec_pl.metrics.hashing import stable_text_hash  # noqa: F401  (re-exported)
 
 UNASSIGNED_ID = -1
-
-
-def stable_text_hash(text: str) -> int:
-    """Signed 64-bit hash of a text's whitespace-normalised token sequence (stable across processes and runs).
-
-    Python's ``hash()`` is salted per process, so it cannot be compared across ranks; blake2b is not.
-    """
-    tokens = text.split()
-    digest = hashlib.blake2b("\x1f".join(tokens).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True)
 
 
 def check_texts(preds: Sequence[str], target: Sequence[str]) -> tuple[list[str], list[str]]:
