@@ -251,13 +251,15 @@ def _errors() -> tuple[type[BaseException], ...]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``xrec-pl`` console script."""
     _offline_defaults()
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0
     try:
         if argv[0] in STAGE_COMMANDS:
-            XrecCLI(args=argv)
+            # from the shell LightningCLI reads sys.argv itself (passing both makes it warn)
+            XrecCLI(args=None if from_command_line else argv)
         elif argv[0] in TOOL_COMMANDS:
             from jsonargparse import CLI
 

@@ -73,6 +73,7 @@ def test_stage2_config_instantiates_on_tiny_llm(config, synthetic_dir, tmp_path)
             "--model.llm=tiny-random",
             "--model.llm_dtype=float32",
             "--model.embedding_source=random",
+            "--model.embeddings_path=null",
             f"--data.data_dir={synthetic_dir}",
             f"--trainer.default_root_dir={tmp_path}",
             "--trainer.accelerator=cpu",
