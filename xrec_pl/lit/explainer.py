@@ -1,0 +1,478 @@
+"""ExplainerModule: stage 2 of XRec — a frozen causal LLM, two trainable adapters, embedding injection.
+
+Only the adapters train. What each piece does and why:
+
+- The LLM and its tokenizer are loaded in ``__init__`` (``load_frozen_llm``), so the DataModule can take
+  ``module.tokenizer`` in its ``setup()``. The LLM is frozen and stays in eval mode during ``fit`` (Lightning 2.6
+  keeps submodule modes; it warns "Found N module(s) in eval mode" — expected); the adapters train.
+- Injection (``EmbeddingInjector``): hooks installed once, here, and kept. ``training_step`` sets the per-batch
+  context and ``on_train_batch_end`` (after backward) clears it, so activation checkpointing can re-run the hooked
+  forward during backward. Eval and generation use the ``injecting`` context manager.
+- Loss: cross-entropy on the labelled (assistant) tokens only. The LM head is applied to the hidden states of the
+  labelled positions only (``(N, H) @ (H, V)`` instead of ``(B, T, H) @ (H, V)``), which is the same loss as the full
+  logits (tested) at a fraction of the cost for long prompts. This assumes a plain linear head (Llama family; models
+  with logit soft-capping get it applied too).
+- Checkpoints hold the adapter weights (and optimizer state) only, plus the LLM identity; loading validates both.
+
+Ablation switches (DESIGN §1), all constructor arguments and therefore logged with the run's hparams:
+
+- ``adapter``: ``"moe"`` (XRec), ``"linear"`` (no MoE), ``"none"`` (no adapter: the reserved tokens keep their new,
+  untrained token embeddings; nothing is injected and nothing trains).
+- ``injection``: ``"layers"`` (input + every layer's q/k/v; XRec), ``"input"`` (input embeddings only), ``"none"``
+  (plain prompt: the reserved tokens *stay in the text* with their untrained embeddings, as in the TMLR study's
+  "without injection", so the prompt layout is identical across arms; no adapter is built and nothing trains).
+- ``embedding_source``: ``"graph"`` (stage-1 embeddings from ``embeddings_path``; non-persistent buffers, never in a
+  checkpoint), ``"fixed"`` (one constant vector for all users and one for all items), ``"random"`` (a fixed random
+  vector per id, from ``seed``), ``"redrawn"`` (fresh random vectors at every forward). Random vectors are
+  ``N(0, s^2)`` with ``s`` the standard deviation of the graph tables when ``embeddings_path`` is given, else ``1``.
+
+Predictions: ``predict_step`` generates, returns ``{uid, iid, prediction, reference}`` rows and
+``on_predict_epoch_end`` gathers them from all ranks, orders them by record index and writes
+``{trainer.default_root_dir}/{predictions_file}`` (JSON lines) on rank zero, atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from xrec_pl.data.io import DataError, load_embeddings
+from xrec_pl.data.prompts import IGNORE_INDEX
+from xrec_pl.data.sampler import epoch_seed
+from xrec_pl.models.adapters import build_adapter
+from xrec_pl.models.injection import EmbeddingInjector
+from xrec_pl.models.llm import get_llm_info, load_frozen_llm
+from xrec_pl.utils import write_jsonl
+
+__all__ = ["EMBEDDING_SOURCES", "ExplainerModule"]
+
+EMBEDDING_SOURCES = ("graph", "fixed", "random", "redrawn")
+_CKPT_KEY = "xrec_explainer"
+
+
+class ExplainerModule(pl.LightningModule):
+    """Frozen LLM + user/item adapters + embedding injection (XRec stage 2).
+
+    Args:
+        llm: ``"embedded"`` (SmolLM2-135M-Instruct), ``"tiny-random"``, ``"tiny-random-gqa"``, a hub id or a path.
+        llm_dtype: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        adapter: ``"moe"`` (XRec), ``"linear"`` or ``"none"``.
+        num_experts: experts of the MoE adapter.
+        adapter_dropout: input dropout of every MoE expert.
+        injection: ``"layers"`` (XRec), ``"input"`` or ``"none"``.
+        embedding_source: ``"graph"``, ``"fixed"``, ``"random"`` or ``"redrawn"``.
+        embeddings_path: stage-1 embeddings (``embeddings.safetensors``, its folder, or the reference's
+            ``user_emb.pkl`` folder); required for ``"graph"``, optional (sets the scale) for the random sources.
+        graph_dim: width of the graph embeddings (adapter input).
+        num_users: number of users of the dataset; checked against the table; ``None``: from the table or the
+            DataModule.
+        num_items: number of items, as ``num_users``.
+        lr: learning rate.
+        weight_decay: decoupled weight decay (AdamW) / L2 (Adam).
+        optimizer: ``"adamw"`` or ``"adam"`` (XRec: Adam).
+        warmup_steps: linear learning-rate warmup over this many optimizer steps (0: constant).
+        max_new_tokens: generation budget per explanation.
+        gradient_checkpointing: recompute decoder layers in backward (non-reentrant) to save activation memory.
+        predictions_file: file name of the predictions JSONL written into ``trainer.default_root_dir``.
+        seed: seed of the random/fixed embeddings and of the LLM's new token rows.
+    """
+
+    def __init__(
+        self,
+        llm: str = "embedded",
+        llm_dtype: str = "auto",
+        adapter: str = "moe",
+        num_experts: int = 8,
+        adapter_dropout: float = 0.2,
+        injection: str = "layers",
+        embedding_source: str = "graph",
+        embeddings_path: str | None = None,
+        graph_dim: int = 64,
+        num_users: int | None = None,
+        num_items: int | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        optimizer: str = "adamw",
+        warmup_steps: int = 0,
+        max_new_tokens: int = 128,
+        gradient_checkpointing: bool = False,
+        predictions_file: str = "predictions.jsonl",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if adapter not in ("moe", "linear", "none"):
+            raise ValueError(f"adapter must be 'moe', 'linear' or 'none', got {adapter!r}")
+        if injection not in ("layers", "input", "none"):
+            raise ValueError(f"injection must be 'layers', 'input' or 'none', got {injection!r}")
+        if embedding_source not in EMBEDDING_SOURCES:
+            raise ValueError(f"embedding_source must be one of {EMBEDDING_SOURCES}, got {embedding_source!r}")
+        if optimizer not in ("adamw", "adam"):
+            raise ValueError(f"optimizer must be 'adamw' or 'adam', got {optimizer!r}")
+        if embedding_source == "graph" and not embeddings_path:
+            raise ValueError("embedding_source='graph' needs embeddings_path (stage 1's embeddings.safetensors)")
+        self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint validates them
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.llm, self.tokenizer = load_frozen_llm(llm, dtype=llm_dtype)
+        self.llm.requires_grad_(False).eval()
+        self.llm_info = get_llm_info(self.llm)
+        hidden = self.llm_info.hidden_size
+
+        self.num_users = num_users
+        self.num_items = num_items
+        self._embedding_scale = 1.0
+        self._init_embeddings()
+
+        trains = adapter != "none" and injection != "none"
+        if trains:
+            moe = {"num_experts": num_experts, "dropout": adapter_dropout} if adapter == "moe" else {}
+            self.user_adapter = build_adapter(adapter, graph_dim, hidden, **moe)
+            self.item_adapter = build_adapter(adapter, graph_dim, hidden, **moe)
+        else:
+            self.user_adapter = None
+            self.item_adapter = None
+        # not an nn.Module (it only holds hooks and a reference to the llm); "none" installs nothing
+        self.injector = EmbeddingInjector(self.llm, mode=injection if trains else "none").install()
+
+        if gradient_checkpointing:
+            self.llm.activation_checkpointing_enable({"use_reentrant": False})
+            self._checkpointing_layers(True)
+        self._predictions: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------ embeddings
+    def _init_embeddings(self) -> None:
+        hp = self.hparams
+        user = item = None
+        if hp.embeddings_path:
+            user, item = load_embeddings(hp.embeddings_path)
+            for name, table, expected in (("user", user, self.num_users), ("item", item, self.num_items)):
+                if table.shape[1] != hp.graph_dim:
+                    raise DataError(
+                        f"{hp.embeddings_path}: {name} embeddings are {table.shape[1]}-d but graph_dim="
+                        f"{hp.graph_dim}; set model.graph_dim to {table.shape[1]}"
+                    )
+                if expected is not None and table.shape[0] != expected:
+                    raise DataError(
+                        f"{hp.embeddings_path}: the {name} table has {table.shape[0]} rows but the dataset has "
+                        f"{expected} {name}s; were these embeddings trained on another dataset?"
+                    )
+            self._embedding_scale = float(torch.cat([user.flatten(), item.flatten()]).std())
+        if hp.embedding_source == "graph":
+            self.num_users, self.num_items = user.shape[0], item.shape[0]
+            self.register_buffer("user_table", user, persistent=False)  # (U, D), never checkpointed
+            self.register_buffer("item_table", item, persistent=False)  # (I, D)
+        elif hp.embedding_source == "fixed":
+            self.register_buffer("user_table", self._draw(1, stream=1), persistent=False)  # (1, D)
+            self.register_buffer("item_table", self._draw(1, stream=2), persistent=False)  # (1, D)
+        else:  # random: sized now or in setup(); redrawn: nothing stored
+            self.register_buffer("user_table", None, persistent=False)
+            self.register_buffer("item_table", None, persistent=False)
+            if hp.embedding_source == "random":
+                self._build_random_tables()
+
+    def _draw(self, rows: int, stream: int) -> Tensor:
+        g = torch.Generator().manual_seed(epoch_seed(self.hparams.seed, 0, stream=stream))
+        return torch.randn(rows, self.hparams.graph_dim, generator=g) * self._embedding_scale
+
+    def _build_random_tables(self) -> None:
+        if self.num_users is None or self.num_items is None or self.user_table is not None:
+            return
+        device = next(self.llm.parameters()).device
+        self.register_buffer("user_table", self._draw(self.num_users, stream=3).to(device), persistent=False)
+        self.register_buffer("item_table", self._draw(self.num_items, stream=4).to(device), persistent=False)
+
+    def setup(self, stage: str) -> None:
+        """Check the tables against the DataModule's dataset sizes; size the ``"random"`` tables from it."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        for name in ("users", "items"):
+            ds = getattr(dm, f"num_{name}", None)
+            mine = getattr(self, f"num_{name}")
+            if ds is None:
+                continue
+            if mine is None:
+                setattr(self, f"num_{name}", ds)
+            elif mine != ds and self.hparams.embedding_source in ("graph", "random"):
+                raise DataError(
+                    f"{self.hparams.embeddings_path or 'embedding table'}: {mine} {name} rows, but the dataset at "
+                    f"{getattr(dm, 'data_dir', '?')} has {ds} {name}"
+                )
+        if self.hparams.embedding_source == "random":
+            self._build_random_tables()
+            if self.user_table is None:
+                raise ValueError("embedding_source='random' needs num_users/num_items (set them or use a DataModule)")
+
+    def configure_model(self) -> None:
+        self.injector.install()  # idempotent
+
+    def graph_vectors(self, user_id: Tensor, item_id: Tensor) -> tuple[Tensor, Tensor]:
+        """Collaborative vectors ``(B, D)`` for the users and items of a batch, per ``embedding_source``."""
+        source = self.hparams.embedding_source
+        if source == "redrawn":
+            shape = (user_id.shape[0], self.hparams.graph_dim)
+            draw = [torch.randn(shape, device=user_id.device) * self._embedding_scale for _ in range(2)]
+            return draw[0], draw[1]
+        if source == "fixed":
+            return self.user_table.expand(user_id.shape[0], -1), self.item_table.expand(item_id.shape[0], -1)
+        return self.user_table[user_id], self.item_table[item_id]
+
+    def _injection(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """``(positions (B, 2), vectors (B, 2, H))`` for the batch, or ``None`` when nothing is injected."""
+        if self.user_adapter is None:
+            return None
+        user_vec, item_vec = self.graph_vectors(batch["user_id"], batch["item_id"])
+        vectors = torch.stack([self.user_adapter(user_vec), self.item_adapter(item_vec)], dim=1)  # (B, 2, H)
+        positions = torch.stack([batch["user_pos"], batch["item_pos"]], dim=1)  # (B, 2)
+        return positions, vectors
+
+    def _injecting(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
+        inj = self._injection(batch)
+        return contextlib.nullcontext() if inj is None else self.injector.injecting(*inj)
+
+    # ------------------------------------------------------------------------------------------ loss
+    def lm_loss(self, batch: dict[str, Any]) -> Tensor:
+        """Mean cross-entropy over labelled tokens, with the LM head evaluated at those positions only.
+
+        Equal to the loss of ``llm(input_ids, attention_mask, labels=labels)`` (tested).
+        """
+        labels = batch["labels"]
+        decoder = self.llm.get_decoder()
+        hidden = decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state  # (B, T, H)
+        targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
+        mask = targets != IGNORE_INDEX
+        picked = hidden[:, :-1][mask]  # (N, H)
+        logits = self.llm.get_output_embeddings()(picked).float()  # (N, V)
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.cross_entropy(logits, targets[mask])
+
+    def full_logits_loss(self, batch: dict[str, Any]) -> Tensor:
+        """The same loss through the model's own full-logits path (reference for tests)."""
+        out = self.llm(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
+        )
+        return out.loss
+
+    # ------------------------------------------------------------------------------------------ steps
+    @property
+    def trains_anything(self) -> bool:
+        return self.user_adapter is not None
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        inj = self._injection(batch)
+        if inj is not None:
+            self.injector.set_context(*inj)  # kept until on_train_batch_end (after backward)
+        loss = self.lm_loss(batch)
+        if self._trainer is not None:
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss if self.trains_anything else None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.injector.clear()
+
+    def on_train_epoch_end(self) -> None:
+        self.injector.clear()
+
+    def _eval_loss(self, batch: dict[str, Any], key: str) -> Tensor:
+        with self._injecting(batch):
+            loss = self.lm_loss(batch)
+        self.log(key, loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, "val/loss")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, "test/loss")
+
+    # ------------------------------------------------------------------------------------------ generation
+    def _stop_ids(self) -> list[int]:
+        ids = {int(self.tokenizer.eos_token_id)}
+        extra = getattr(self.llm.generation_config, "eos_token_id", None)
+        if extra is not None:
+            ids.update(int(i) for i in (extra if isinstance(extra, (list, tuple)) else [extra]))
+        return sorted(ids)
+
+    @torch.no_grad()
+    def generate_explanations(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy explanations for a left-padded prompt batch (``generation_dataloader`` / predict loader).
+
+        Injection applies to the prefill only; decoding uses the KV cache; each row stops at EOS.
+
+        Args:
+            batch: ``input_ids``/``attention_mask`` ``(B, T)`` left-padded, ``user_pos``/``item_pos``/``user_id``/
+                ``item_id`` ``(B,)``.
+            max_new_tokens: overrides the module's ``max_new_tokens``.
+
+        Returns:
+            ``B`` strings: the decoded new tokens, special tokens removed, stripped.
+        """
+        from transformers import GenerationConfig
+
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate_explanations needs left-padded batches (use generation_dataloader)")
+        batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=self._stop_ids(),
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        adapters = [m for m in (self.user_adapter, self.item_adapter) if m is not None]
+        modes = [m.training for m in adapters]
+        for m in adapters:
+            m.eval()  # no dropout, no gate noise while generating
+        try:
+            with self._injecting(batch):
+                out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        finally:
+            for m, mode in zip(adapters, modes):
+                m.train(mode)
+        new_tokens = out[:, input_ids.shape[1] :]  # (B, <= max_new_tokens)
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def on_predict_epoch_start(self) -> None:
+        self._predictions = []
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        texts = self.generate_explanations(batch)
+        rows = [
+            {"uid": int(u), "iid": int(i), "prediction": t, "reference": r, "index": int(x)}
+            for u, i, t, r, x in zip(
+                batch["user_id"].tolist(), batch["item_id"].tolist(), texts, batch["reference"], batch["index"].tolist()
+            )
+        ]
+        self._predictions.extend(rows)
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        """Gather the predictions of all ranks and write them, ordered by record index, on rank zero."""
+        rows = self._predictions
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if self.trainer.is_global_zero:
+            unique = {row["index"]: row for row in rows}  # samplers that pad repeat rows
+            ordered = [unique[i] for i in sorted(unique)]
+            path = Path(self.trainer.default_root_dir) / self.hparams.predictions_file
+            write_jsonl(path, [{k: row[k] for k in ("uid", "iid", "prediction", "reference")} for row in ordered])
+            rank_zero_info(f"wrote {len(ordered)} predictions to {path}")
+        self._predictions = []
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters, found structurally: those of the two adapters."""
+        return [p for m in (self.user_adapter, self.item_adapter) if m is not None for p in m.parameters()]
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        adapter_params = self.adapter_parameters()
+        if {id(p) for p in params} != {id(p) for p in adapter_params}:
+            raise RuntimeError("trainable parameters differ from the adapter parameters; the LLM must stay frozen")
+        n_train = sum(p.numel() for p in params)
+        n_frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        rank_zero_info(
+            f"ExplainerModule: {n_train:,} trainable (adapter) parameters, {n_frozen:,} frozen; "
+            f"adapter={self.hparams.adapter} injection={self.hparams.injection} "
+            f"embeddings={self.hparams.embedding_source}"
+        )
+        if not params:
+            rank_zero_warn(
+                f"adapter={self.hparams.adapter!r} / injection={self.hparams.injection!r}: nothing to train; fit only "
+                "evaluates (use validate/test/predict for this baseline)"
+            )
+            return None
+        cls = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
+        opt = cls(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = int(self.hparams.warmup_steps)
+        if warmup <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------ modes
+    def _checkpointing_layers(self, on: bool) -> None:
+        # transformers checkpoints a layer only while `layer.training`; flip that flag alone (not the submodules,
+        # so attention dropout etc. stay off) to let a frozen, eval-mode LLM use activation checkpointing.
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        for module in self.llm.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.training = on
+
+    def train(self, mode: bool = True) -> ExplainerModule:
+        """Set the adapters' mode; the LLM always stays in eval mode (layer flags aside for checkpointing)."""
+        super().train(mode)
+        self.llm.eval()
+        if self.hparams.gradient_checkpointing:
+            self._checkpointing_layers(mode)
+        return self
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def _identity(self) -> dict[str, Any]:
+        hp = self.hparams
+        return {
+            "llm": self.llm_info.to_dict(),
+            "adapter": hp.adapter,
+            "injection": hp.injection,
+            "graph_dim": hp.graph_dim,
+            "num_experts": hp.num_experts if hp.adapter == "moe" else None,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the adapter weights (never the frozen LLM) and record what they were trained with."""
+        keep = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[_CKPT_KEY] = self._identity()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse checkpoints of another LLM/adapter, or with missing/unexpected adapter keys."""
+        saved = checkpoint.get(_CKPT_KEY)
+        if saved is None:
+            raise ValueError("not an ExplainerModule checkpoint (no LLM/adapter identity stored)")
+        self.llm_info.check_matches(saved["llm"], what="checkpoint")
+        mine = self._identity()
+        for key in ("adapter", "injection", "graph_dim", "num_experts"):
+            if saved.get(key) != mine[key]:
+                raise ValueError(
+                    f"checkpoint was trained with {key}={saved.get(key)!r}, this module is configured with "
+                    f"{key}={mine[key]!r}"
+                )
+        got = set(checkpoint.get("state_dict", {}))
+        expected = self._trainable_keys()
+        missing, unexpected = sorted(expected - got), sorted(got - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint adapter weights do not match this module: missing {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        for key in expected:
+            want = self.get_parameter(key).shape
+            have = checkpoint["state_dict"][key].shape
+            if have != want:
+                raise ValueError(f"checkpoint tensor {key} has shape {tuple(have)}, this module expects {tuple(want)}")
+        # Fill in the frozen weights we already hold, so that the (non-strict) load reports no missing keys; copying a
+        # tensor onto itself changes nothing.
+        checkpoint["state_dict"] = {**self.llm.state_dict(prefix="llm."), **checkpoint["state_dict"]}
