@@ -46,7 +46,8 @@ class EmbeddingExport(pl.Callback):
         saved = None
         if best is not None:
             saved = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-            state = torch.load(best, map_location=pl_module.device, weights_only=True)["state_dict"]
+            # written by this very run's ModelCheckpoint (hparams are plain Python objects, hence weights_only=False)
+            state = torch.load(best, map_location=pl_module.device, weights_only=False)["state_dict"]
             pl_module.load_state_dict(state)
         try:
             user, item = pl_module.get_embeddings()

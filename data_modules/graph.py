@@ -114,6 +114,7 @@ class InteractionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.hparams.data_dir = str(data_dir)  # a plain str keeps checkpoints loadable with weights_only=True
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers, self.seed, self.resample_negatives = int(num_workers), int(seed), bool(resample_negatives)

@@ -6,6 +6,8 @@ vectorised (numpy / torch); nothing loops over users or interactions in Python.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -64,12 +66,15 @@ def normalized_adjacency(
     np.cumsum(np.bincount(rows, minlength=n), out=crow[1:])
     # int32 indices: MKL's CSR kernel converts int64 indices on every product (~2 extra copies per layer).
     index_dtype = torch.int32 if cols.size < 2**31 - 1 else torch.int64
-    return torch.sparse_csr_tensor(
-        torch.from_numpy(crow).to(index_dtype),
-        torch.from_numpy(cols).to(index_dtype),
-        torch.from_numpy(values).to(dtype),
-        size=(n, n),
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(crow).to(index_dtype),
+            torch.from_numpy(cols).to(index_dtype),
+            torch.from_numpy(values).to(dtype),
+            size=(n, n),
+            check_invariants=False,  # built sorted and in range above
+        )
 
 
 class ItemSets:
