@@ -145,9 +145,11 @@ class PerSampleMetric(Metric):
     def sample_scores(self) -> dict[str, Tensor]:
         """Per-sample values of each summary key (e.g. ``{"bertscore_f1": (N,)}``) plus ``sample_id``, deduplicated.
 
-        These are what paired significance tests compare. Set-level metrics (USR) have none.
+        These are what paired significance tests compare. Set-level metrics (USR) have none. Under DDP this is a
+        collective call (every rank gets all samples).
         """
-        states = self.per_sample()
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=not self._is_synced):
+            states = self.per_sample()
         out = {key: states[state] for state, key in self.sample_keys.items()}
         out["sample_id"] = states["sample_id"]
         return out
