@@ -70,7 +70,9 @@ def tiny_bleurt(tmp_path_factory):
 def test_bleurt_import_leaves_transformers_clean(tiny_bleurt):
     import transformers.pytorch_utils as pu
 
-    assert "transformers.models.bert.tokenization_bert_fast" not in sys.modules
+    # our temporary alias module is gone (transformers itself may register a real alias after AutoTokenizer use)
+    alias = sys.modules.get("transformers.models.bert.tokenization_bert_fast")
+    assert alias is None or getattr(alias, "__file__", None)
     assert not hasattr(pu, "find_pruneable_heads_and_indices")
 
 
