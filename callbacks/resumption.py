@@ -24,9 +24,17 @@ from lightning.pytorch.utilities import rank_zero_info
 
 def capture_rng() -> dict[str, Any]:
     """The state of every generator a training step may draw from."""
+    # Only tensors and plain Python values: checkpoints load with torch.load(weights_only=True).
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -39,7 +47,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     if "python" in state:
         random.setstate(_as_python_state(state["python"]))
     if "numpy" in state:
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        keys = n["keys"].numpy().astype(np.uint32)
+        np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
