@@ -282,3 +282,12 @@ def test_identical_systems_and_nan_pairs():
     assert set(multi) == {"x"}
     with pytest.raises(ValueError, match="equal lengths"):
         compare_paired([1, 2], [1, 2, 3])
+
+
+def test_judge_default_path_loads_through_load_frozen_llm():
+    pytest.importorskip("xrec_pl.models.llm")
+    judge = LLMJudge(judge_model="tiny-random", max_new_tokens=2)
+    judge.update(PREDS[:2], REFS[:2], ids=[0, 1])
+    out = judge.compute()
+    assert out["judge_n"] == 2
+    assert judge.describe()["judge"] == "tiny-random"
