@@ -115,15 +115,12 @@ class LightGCNModule(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         users, pos, neg = batch  # (B,) each
-        user_emb, item_emb = self()
-        u, p, n = user_emb[users], item_emb[pos], item_emb[neg]
-        if self.hparams.reg_on == "ego":
-            offset = self.model.num_users
-            reg = (self.model.ego(users), self.model.ego(pos + offset), self.model.ego(neg + offset))
-        else:
-            reg = (u, p, n)
-        loss = bpr_loss(u, p, n, *reg, weight_decay=self.hparams.weight_decay)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=users.numel())
+        b, offset = users.numel(), self.model.num_users
+        nodes = torch.cat([users, pos + offset, neg + offset])  # (3B,) node ids: one gather, one scatter in backward
+        final = self.model.propagate(self.adjacency())[nodes]  # (3B, D)
+        reg = self.model.ego(nodes) if self.hparams.reg_on == "ego" else final
+        loss = bpr_loss(*final.split(b), *reg.split(b), weight_decay=self.hparams.weight_decay)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=b)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
