@@ -4,6 +4,10 @@ The judge is asked for one number; we decode greedily for a few tokens and parse
 Answers without a usable number are *unparsable*: they are left out of the mean, counted, and reported as
 ``judge_unparsable`` -- never an exception. Judges disagree by tens of points on the same outputs, so compare
 systems only under one judge (``describe()`` names it).
+
+The embedded default (SmolLM2-135M-Instruct) only makes the plumbing work offline: with the answer primed by
+``"Score:"`` it replies with parsable numbers, but it rated unrelated text as high as the real predictions in our
+check (100 / 9.5 for both). Use a larger local judge (``judge_model=<path>``) for figures worth reporting.
 """
 
 from __future__ import annotations
@@ -18,16 +22,17 @@ from torch import Tensor
 
 from xrec_pl.metrics.base import PerSampleMetric, mean_std
 
-JUDGE_SYSTEM = "You grade explanations written by a recommender system. You reply with a number only."
+JUDGE_SYSTEM = "You are a careful judge of recommendation explanations. You answer with one integer from 0 to 100."
 JUDGE_TEMPLATE = (
-    "Compare a candidate explanation with a reference explanation of why a user would enjoy an item.\n"
-    "How close is the candidate to the reference in meaning and in the reasons it gives? "
-    "Give a score from 0 (nothing in common) to 100 (the same meaning). Reply with the number only.\n\n"
-    "Reference: {reference}\n"
-    "Candidate: {prediction}\n\n"
-    "Score (0-100):"
+    "Reference explanation: {reference}\n\n"
+    "Candidate explanation: {prediction}\n\n"
+    "On a scale from 0 (nothing in common) to 100 (the same meaning), how similar is the candidate explanation "
+    "to the reference explanation, in what it says and in the reasons it gives? Answer with the number only."
 )
-PROMPT_VERSION = "xrec-pl-judge-v1"
+# Opening of the judge's answer: small instruction-tuned models otherwise start a sentence ("The candidate ...")
+# and never reach a number within a few tokens.
+ANSWER_PREFIX = "Score:"
+PROMPT_VERSION = "xrec-pl-judge-v2"
 
 _FRACTION = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/|out of)\s*(10|100)\b", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
@@ -54,20 +59,30 @@ def parse_judge_score(text: str) -> float | None:
     return value if 0.0 <= value <= 100.0 else None
 
 
-def build_judge_prompt(prediction: str, reference: str, tokenizer: Any | None = None) -> str:
-    """The judge prompt; wrapped in the tokenizer's chat template when it has one."""
+def build_judge_prompt(
+    prediction: str, reference: str, tokenizer: Any | None = None, answer_prefix: str = ANSWER_PREFIX
+) -> str:
+    """The judge prompt, in the tokenizer's chat template when it has one, ending with ``answer_prefix``."""
     user = JUDGE_TEMPLATE.format(reference=reference.strip(), prediction=prediction.strip())
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{JUDGE_SYSTEM}\n\n{user}"
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + answer_prefix
+    return f"{JUDGE_SYSTEM}\n\n{user}\n{answer_prefix}"
 
 
 class HFJudge:
     """Greedy short generation with a (causal LM, tokenizer) pair: ``__call__(preds, refs) -> list[str]`` answers."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_new_tokens: int = 6, batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_new_tokens: int = 6,
+        batch_size: int = 8,
+        answer_prefix: str = ANSWER_PREFIX,
+    ) -> None:
         self.model = model
+        self.answer_prefix = answer_prefix
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
@@ -85,7 +100,7 @@ class HFJudge:
             device = next(self.model.parameters()).device
             for start in range(0, len(preds), self.batch_size):
                 prompts = [
-                    build_judge_prompt(p, r, tok)
+                    build_judge_prompt(p, r, tok, self.answer_prefix)
                     for p, r in zip(preds[start : start + self.batch_size], refs[start : start + self.batch_size])
                 ]
                 enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
@@ -115,6 +130,7 @@ class LLMJudge(PerSampleMetric):
         judge_model: name or path for ``load_frozen_llm``; default the embedded SmolLM2-135M-Instruct.
         max_new_tokens: generation budget for the answer.
         batch_size: prompts per ``generate`` call.
+        answer_prefix: text the judge's answer starts with (primes a number; ``""`` for none).
         **kwargs: passed to ``torchmetrics.Metric``.
     """
 
@@ -129,9 +145,11 @@ class LLMJudge(PerSampleMetric):
         judge_model: str = "embedded",
         max_new_tokens: int = 6,
         batch_size: int = 8,
+        answer_prefix: str = ANSWER_PREFIX,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.answer_prefix = answer_prefix
         if (model is None) != (tokenizer is None):
             raise ValueError("LLMJudge: pass both model and tokenizer, or neither")
         self.judge_model = judge_model if model is None else type(model).__name__
@@ -150,7 +168,7 @@ class LLMJudge(PerSampleMetric):
 
                 self._pair = load_frozen_llm(self.judge_model)
             model, tokenizer = self._pair
-            self._judge = HFJudge(model, tokenizer, self.max_new_tokens, self.batch_size)
+            self._judge = HFJudge(model, tokenizer, self.max_new_tokens, self.batch_size, self.answer_prefix)
         return self._judge
 
     def _score(self, preds: list[str], target: list[str]) -> dict[str, Tensor]:
