@@ -183,12 +183,15 @@ class ExplanationMetricsCallback(Callback):
             raise TypeError("ExplanationMetricsCallback needs a datamodule with generation_dataloader(split, indices)")
         for metric in self.build_metrics(pl_module.device).values():
             metric.to(pl_module.device)
-        was_training = pl_module.training
+        # The validation loop has already put the module in eval mode; restore every submodule's own mode anyway
+        # (never a blanket .train(), which would un-freeze a deliberately eval-mode LLM's dropout).
+        modes = [(m, m.training) for m in pl_module.modules()]
         pl_module.eval()
         try:
             scores, rows = self.generate_and_score(pl_module, datamodule, trainer.global_rank, trainer.world_size)
         finally:
-            pl_module.train(was_training)
+            for module, mode in modes:
+                module.training = mode
         self.last_scores = scores
         for key, value in scores.items():
             # already identical on every rank (synced inside compute): no further reduction

@@ -189,3 +189,19 @@ def test_generate_and_score_without_trainer():
     assert len(rows) == 8 and 0 < scores["usr"] <= 1
     # metrics are reset after compute: a second run gives the same numbers
     assert cb.generate_and_score(FakeExplainer().eval(), FakeDataModule())[0] == scores
+
+
+def test_submodule_modes_are_restored(tmp_path):
+    class WithFrozen(FakeExplainer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen = torch.nn.Dropout(0.5)
+
+        def on_fit_start(self) -> None:
+            self.frozen.eval()  # like a frozen LLM kept in eval mode while the adapter trains
+
+        def on_train_epoch_end(self) -> None:
+            assert self.layer.training and not self.frozen.training
+
+    trainer = _trainer(tmp_path, max_epochs=2, num_sanity_val_steps=0, callbacks=[_callback()])
+    trainer.fit(WithFrozen(), datamodule=FakeDataModule())
