@@ -285,6 +285,14 @@ def compare_files(
 
     ref_path = a if references is None else references
     refs = load_texts(ref_path, "reference")
+    for path in (a, b):  # a JSONL that carries its own references must agree with the shared ones
+        if Path(path).suffix.lower() in (".jsonl", ".json") and Path(path) != Path(ref_path):
+            try:
+                own = load_texts(path, "reference")
+            except DataError:
+                continue
+            if own != refs:
+                raise DataError(f"{path}: its references differ from those in {ref_path}; systems are not paired")
     systems = {}
     for label, path in (("a", a), ("b", b)):
         preds = load_texts(path, "prediction")

@@ -151,3 +151,10 @@ def test_compare_files_paired_significance(tmp_path):
     assert test["ci_low"] <= test["mean_diff"] <= test["ci_high"]
     assert "usr" in out["a"] and "usr" not in out["tests"]
     assert json.loads((tmp_path / "cmp.json").read_text())["n"] == 4
+
+
+def test_compare_files_refuses_unpaired_systems(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", PREDS, REFS)
+    b = _jsonl(tmp_path / "b.jsonl", PREDS, [*REFS[:3], "another reference"])
+    with pytest.raises(DataError, match=r"b\.jsonl: its references differ"):
+        compare_files(a, b, metrics=("usr",))
