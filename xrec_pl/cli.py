@@ -244,8 +244,9 @@ Tools:
 
 def _errors() -> tuple[type[BaseException], ...]:
     from xrec_pl.data.io import DataError
+    from xrec_pl.models.llm import LLMLoadError
 
-    return (DataError, ConfigError)
+    return (DataError, ConfigError, LLMLoadError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -335,6 +335,8 @@ class ExplainerModule(pl.LightningModule):
             eos_token_id=self._stop_ids(),
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
+            # the reserved tokens and the added pad token have untrained rows in a tied LM head: never emit them
+            suppress_tokens=sorted(set(self.llm_info.reserved_token_ids.values())),
         )
         adapters = [m for m in (self.user_adapter, self.item_adapter) if m is not None]
         modes = [m.training for m in adapters]
