@@ -169,8 +169,16 @@ class BERTScore(PerSampleMetric):
         return self._scorer
 
     def _score(self, preds: list[str], target: list[str]) -> dict[str, Tensor]:
-        p, r, f = self.scorer.score(preds, target, batch_size=self.batch_size)
-        return {"precision": p, "recall": r, "f1": f}
+        # An empty explanation shares nothing with its reference: it scores 0 (bert_score itself cannot encode an
+        # empty string with transformers 5, and would give it a score from the special tokens alone).
+        keep = [i for i, text in enumerate(preds) if text.strip()]
+        out = {name: torch.zeros(len(preds), dtype=torch.float32) for name in ("precision", "recall", "f1")}
+        if keep:
+            p, r, f = self.scorer.score([preds[i] for i in keep], [target[i] for i in keep], batch_size=self.batch_size)
+            index = torch.tensor(keep)
+            for name, values in zip(("precision", "recall", "f1"), (p, r, f)):
+                out[name][index] = values.float().cpu()
+        return out
 
     def _summarise(self, states: dict[str, Tensor]) -> dict[str, float]:
         out: dict[str, float] = {}
