@@ -15,13 +15,12 @@ from xrec_pl.models.llm import (
     LLMInfo,
     LLMLoadError,
     add_reserved_tokens,
-    build_tiny_llm,
-    build_tiny_tokenizer,
     get_llm_info,
     load_frozen_llm,
     reserved_token_ids,
     resolve_dtype,
 )
+from xrec_pl.models.tiny import build_tiny_llm, build_tiny_tokenizer
 
 
 @pytest.mark.parametrize(("fixture", "kv_heads"), [("tiny_llm", 4), ("tiny_llm_gqa", 2)])

@@ -112,7 +112,7 @@ def test_long_profiles_are_truncated_never_the_reserved_tokens(tiny_tokenizer):
 
 
 def test_tokenizer_checks(tiny_tokenizer):
-    from xrec_pl.models.llm import build_tiny_tokenizer
+    from xrec_pl.models.tiny import build_tiny_tokenizer
 
     with pytest.raises(ValueError, match="<USER_EMBED>"):
         PromptBuilder(build_tiny_tokenizer())  # no reserved tokens added
