@@ -244,10 +244,7 @@ class ExplainerModule(pl.LightningModule):
         Equal to the loss of ``llm(input_ids, attention_mask, labels=labels)`` (tested).
         """
         labels = batch["labels"]
-        decoder = self.llm.get_decoder()
-        hidden = decoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).last_hidden_state  # (B, T, H)
+        hidden = self.lm_hidden_states(batch)  # (B, T, H)
         targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
         mask = targets != IGNORE_INDEX
         picked = hidden[:, :-1][mask]  # (N, H)
@@ -256,6 +253,13 @@ class ExplainerModule(pl.LightningModule):
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return F.cross_entropy(logits, targets[mask])
+
+    def lm_hidden_states(self, batch: dict[str, Any]) -> Tensor:
+        """Last hidden states ``(B, T, H)`` of the batch's tokens (subclasses may prepend virtual tokens)."""
+        decoder = self.llm.get_decoder()
+        return decoder(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).last_hidden_state
 
     def full_logits_loss(self, batch: dict[str, Any]) -> Tensor:
         """The same loss through the model's own full-logits path (reference for tests)."""
@@ -344,12 +348,16 @@ class ExplainerModule(pl.LightningModule):
             m.eval()  # no dropout, no gate noise while generating
         try:
             with self._injecting(batch):
-                out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+                new_tokens = self.generate_tokens(input_ids, attention_mask, config)  # (B, <= max_new_tokens)
         finally:
             for m, mode in zip(adapters, modes):
                 m.train(mode)
-        new_tokens = out[:, input_ids.shape[1] :]  # (B, <= max_new_tokens)
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def generate_tokens(self, input_ids: Tensor, attention_mask: Tensor, config: Any) -> Tensor:
+        """The new tokens ``(B, N)`` that ``llm.generate`` appends to a left-padded prompt batch (subclass hook)."""
+        out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        return out[:, input_ids.shape[1] :]
 
     def on_predict_epoch_start(self) -> None:
         self._predictions = []
