@@ -173,6 +173,11 @@ def test_real_minilm_matches_bert_score_without_network(monkeypatch):
     assert out["bertscore_precision"] == pytest.approx(p.double().mean().item(), abs=1e-6)
     assert out["bertscore_recall"] == pytest.approx(r.double().mean().item(), abs=1e-6)
     assert out["bertscore_f1"] == pytest.approx(f.double().mean().item(), abs=1e-6)
+    # empty prediction or reference: 0 (bert_score itself raises on empty strings under transformers 5)
+    empty = BERTScore(scorer=metric.scorer)
+    empty.update(["", "a fun book", "a book"], ["a fun book", " ", "a book"], ids=[0, 1, 2])
+    scores = empty.sample_scores()["bertscore_f1"]
+    assert scores[:2].tolist() == [0.0, 0.0] and scores[2].item() == pytest.approx(1.0, abs=1e-5)
 
 
 # -- LLM judge ---------------------------------------------------------------------------------------------

@@ -169,9 +169,9 @@ class BERTScore(PerSampleMetric):
         return self._scorer
 
     def _score(self, preds: list[str], target: list[str]) -> dict[str, Tensor]:
-        # An empty explanation shares nothing with its reference: it scores 0 (bert_score itself cannot encode an
-        # empty string with transformers 5, and would give it a score from the special tokens alone).
-        keep = [i for i, text in enumerate(preds) if text.strip()]
+        # An empty explanation (or reference) shares nothing with the other text: the pair scores 0, as bert_score
+        # intends (it cannot encode an empty string under transformers 5: build_inputs_with_special_tokens is gone).
+        keep = [i for i, (p, r) in enumerate(zip(preds, target)) if p.strip() and r.strip()]
         out = {name: torch.zeros(len(preds), dtype=torch.float32) for name in ("precision", "recall", "f1")}
         if keep:
             p, r, f = self.scorer.score([preds[i] for i in keep], [target[i] for i in keep], batch_size=self.batch_size)
