@@ -5,7 +5,8 @@ pickled lists of strings (``tst_pred.pkl`` / ``tst_ref.pkl``, read with the rest
 table (pickle / parquet DataFrame: its ``explanation`` column serves as references) or plain text (one per line).
 
 Empty texts: an empty (whitespace-only) *prediction* is a model failure and is scored as it is (BERTScore gives
-it 0 -- bert_score's intent, which it can no longer apply itself under transformers 5; USR counts it as one sequence); the report counts them in ``empty_predictions``.
+it 0 -- bert_score's intent, which it cannot apply itself under transformers 5; USR counts it as one sequence);
+the report counts them in ``empty_predictions``.
 An empty *reference* means broken data: ``DataError``. Different lengths, non-text entries, missing files or
 checkpoints are ``DataError``s naming the file.
 
