@@ -169,43 +169,42 @@ def evaluate(
     bleurt_checkpoint: str | None = None,
     bartscore_checkpoint: str | None = None,
     judge_model: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
+    device: str | None = None,
 ) -> dict:
     """Score a prediction file against its references and print one JSON object.
 
     Args:
         predictions: Our predict JSONL (``prediction``/``reference`` fields) or a pickled list of strings.
         references: Reference file (JSONL or pickled list); defaults to the ``reference`` field of ``predictions``.
-        metrics: Any of ``usr``, ``bertscore``, ``bleurt``, ``bartscore``, ``judge`` (default: usr, bertscore).
+        metrics: Any of ``usr``, ``bertscore``, ``bleurt``, ``bartscore``, ``llm_judge`` (default: usr, bertscore).
         output: Also write the JSON here.
-        bertscore_model: BERTScore backbone (local path or hub name); default: the offline MiniLM.
-        bertscore_layers: Layer of the backbone to use (default: the backbone's default, 6 for MiniLM).
-        rescale_with_baseline: BERTScore baseline rescaling (needs the backbone's baseline file).
+        bertscore_model: BERTScore backbone (local path or cached hub name); default: the offline MiniLM, layer 6.
+        bertscore_layers: Layer of the backbone to use (default: the backbone's usual layer).
+        rescale_with_baseline: BERTScore baseline rescaling (needs the backbone's baseline file, e.g. roberta-large).
         bleurt_checkpoint: Path of a BLEURT checkpoint (needed for ``bleurt``).
         bartscore_checkpoint: Path of a BART checkpoint (needed for ``bartscore``).
-        judge_model: LLM judge (``embedded`` by default).
-        batch_size: Scoring batch size.
+        judge_model: Local causal LM used as the judge (default: the embedded LLM).
+        batch_size: Scoring batch size for every metric that batches.
+        device: ``cpu`` or ``cuda`` (default: cuda when available).
     """
     import json
 
     from xrec_pl.evaluate import evaluate_files
 
-    kwargs = {
-        "bertscore_model": bertscore_model,
-        "bertscore_layers": bertscore_layers,
-        "rescale_with_baseline": rescale_with_baseline,
+    chosen = [m.lower().replace("-", "_") for m in (metrics or ["usr", "bertscore"])]
+    options: dict[str, Any] = {
+        "bertscore_model_type": bertscore_model,
+        "bertscore_num_layers": bertscore_layers,
+        "bertscore_rescale_with_baseline": rescale_with_baseline or None,
         "bleurt_checkpoint": bleurt_checkpoint,
         "bartscore_checkpoint": bartscore_checkpoint,
-        "judge_model": judge_model,
-        "batch_size": batch_size,
+        "llm_judge_judge_model": judge_model,
+        "device": device,
     }
-    result = evaluate_files(
-        predictions,
-        references,
-        metrics=tuple(metrics or ("usr", "bertscore")),
-        output=output,
-        **{k: v for k, v in kwargs.items() if v is not None},
-    )
+    if batch_size is not None:
+        options.update({f"{m}_batch_size": batch_size for m in chosen if m != "usr"})
+    result = evaluate_files(predictions, references, metrics=chosen, output=output, **options)
     sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
 
