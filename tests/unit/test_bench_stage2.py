@@ -20,6 +20,7 @@ def test_bench_random_tiny_end_to_end(synthetic_dir, tmp_path):
     out = tmp_path / "bench.json"
     result = stage2.run_stage2_bench(
         synthetic_dir,
+        parts=("stage2", "generation", "ablation"),
         quick=True,
         llm="random-tiny",
         repeats=1,
@@ -45,6 +46,8 @@ def test_bench_random_tiny_end_to_end(synthetic_dir, tmp_path):
     # same weights, same injection (in place vs out of place), greedy: the texts agree on the tiny model
     assert gen["texts_equal"] + gen["texts_differ"] == 4
     assert gen["texts_equal"] >= 3
+    steps = result["ablation"]["steps"]
+    assert len(steps) == 5 and steps[0]["vs_first"] == 1.0 and all(s["samples_per_s"] > 0 for s in steps)
     table = stage2.format_table(result, quick=True)
     assert "train samples/s" in table and "quick" in table
 

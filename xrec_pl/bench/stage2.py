@@ -333,8 +333,13 @@ def _trainer(pl, clock, device: str, precision: str, max_steps: int | None):
     )
 
 
-def _generate_ours(module, dm, rows: list[int], batch_size: int, max_new_tokens: int) -> dict[int, list[int]]:
-    """Batched generation of ``rows`` of ``tst``; the new token ids per row (captured from ``llm.generate``)."""
+def _generate_ours(
+    module, dm, rows: list[int], batch_size: int, max_new_tokens: int, precision: str = "32-true"
+) -> dict[int, list[int]]:
+    """Batched generation of ``rows`` of ``tst``; the new token ids per row (captured from ``llm.generate``).
+
+    ``precision="bf16-mixed"`` autocasts as the Trainer's precision plugin does around ``predict_step``.
+    """
     captured: list[Tensor] = []
     original = module.llm.generate
 
@@ -346,8 +351,10 @@ def _generate_ours(module, dm, rows: list[int], batch_size: int, max_new_tokens:
     module.llm.generate = capture
     result: dict[int, list[int]] = {}
     try:
+        bf16 = precision.startswith("bf16")
         for batch in dm.generation_dataloader("tst", indices=rows, batch_size=batch_size):
-            module.generate_explanations(batch, max_new_tokens=max_new_tokens)
+            with torch.autocast(module.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                module.generate_explanations(batch, max_new_tokens=max_new_tokens)
             for index, ids in zip(batch["index"].tolist(), captured.pop().tolist()):
                 result[index] = ids
     finally:
@@ -422,6 +429,73 @@ def _bench_training(module, dm, records, rows, opts: dict[str, Any]) -> dict[str
     return out
 
 
+def _bench_ablation(module, dm, records, opts: dict[str, Any]) -> dict[str, Any]:
+    """What each change buys: one forward+backward over the same records, changes added one at a time."""
+    from data_modules.explanations import PadCollator
+
+    device, bs = opts["device"], opts["batch_size"]
+    items = []
+    for rec in records:
+        enc = dm.builder.encode_train(rec)
+        enc.update(user_id=int(rec["uid"]), item_id=int(rec["iid"]), index=0)
+        items.append(enc)
+    lengths = [len(it["input_ids"]) for it in items]
+    order = sorted(range(len(items)), key=lambda i: lengths[i])
+    collate = PadCollator(module.tokenizer.pad_token_id, side="right")
+    bucket = [items[i] for i in order[len(order) // 2 - bs // 2 :][:bs]]  # a length bucket from the middle
+    to = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in collate(bucket).items()}.items()
+    batch = dict(to)
+    singles = [{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in collate([it]).items()} for it in bucket]
+    n_targets = sum(sum(1 for x in it["labels"][1:] if x != -100) for it in bucket)
+
+    def step(batches, full_logits: bool, attn: str, bf16: bool) -> None:
+        module.llm.set_attn_implementation(attn)
+        ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        for b in batches:
+            with module._injecting(b), ctx:
+                loss = module.full_logits_loss(b) if full_logits else module.lm_loss(b)
+            loss.backward()
+        module.zero_grad(set_to_none=True)
+
+    configs = [
+        ("batch 1, full-vocab logits, eager (reference maths)", singles, True, "eager", False),
+        (f"batch {bs} (one length bucket)", [batch], True, "eager", False),
+        ("+ LM head at target positions only", [batch], False, "eager", False),
+        ("+ SDPA attention (= ours, fp32)", [batch], False, "sdpa", False),
+        ("+ bf16 autocast", [batch], False, "sdpa", True),
+    ]
+    times: dict[str, list[float]] = {c[0]: [] for c in configs}
+    module.train()
+    try:
+        for r in range(opts["repeats"] + 1):  # round 0 is the warm-up
+            for name, batches, full, attn, bf16 in configs:
+                t = time.perf_counter()
+                step(batches, full, attn, bf16)
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                if r:
+                    times[name].append(time.perf_counter() - t)
+    finally:
+        module.llm.set_attn_implementation("sdpa")
+    rows, base, prev = [], None, None
+    for name, *_ in configs:
+        sec = statistics.median(times[name])
+        base, prev = base or sec, prev or sec
+        rows.append({"change": name, "samples_per_s": bs / sec, "target_tokens_per_s": n_targets / sec,
+                     "vs_previous": prev / sec, "vs_first": base / sec})  # fmt: skip
+        prev = sec
+    random_batch = lengths[:bs]
+    return {
+        "records": bs,
+        "what": "forward+backward (no optimizer step) over the same records, median of repeats",
+        "steps": rows,
+        "padding_fraction_random_batch": 1 - sum(random_batch) / (len(random_batch) * max(random_batch)),
+        "padding_fraction_bucket": 1
+        - sum(len(it["input_ids"]) for it in bucket) / (bs * max(map(len, (it["input_ids"] for it in bucket)))),
+        "load": _load_note(),
+    }
+
+
 def _mfu(llm: nn.Module, flops_per_param: float, ref_s: float, ours_s: float) -> dict[str, Any]:
     name = torch.cuda.get_device_name(0)
     peak = peak_flops(name)
@@ -441,7 +515,7 @@ def _bench_generation(module, dm, records, rows, opts: dict[str, Any]) -> dict[s
     builder = dm.builder
     prompt_tokens = sum(len(builder.encode_prompt(r)["input_ids"]) for r in records)
     _reference_generate(module, builder, records[:1], max_new, device)  # warm-up
-    _generate_ours(module, dm, rows[:2], bs, max_new)
+    _generate_ours(module, dm, rows[:2], bs, max_new, opts["precision"])
     chunks, ref_ids, ours_ids = [], {}, {}
     for start in range(0, len(rows), bs):
         part_rows, part_recs = rows[start : start + bs], records[start : start + bs]
@@ -450,7 +524,7 @@ def _bench_generation(module, dm, records, rows, opts: dict[str, Any]) -> dict[s
         ref_s = time.perf_counter() - t
         ref_ids.update(zip(part_rows, got))
         t = time.perf_counter()
-        ours_ids.update(_generate_ours(module, dm, part_rows, bs, max_new))
+        ours_ids.update(_generate_ours(module, dm, part_rows, bs, max_new, opts["precision"]))
         ours_s = time.perf_counter() - t
         ref_new = sum(len(_trim(ref_ids[i], stops)) for i in part_rows)
         ours_new = sum(len(_trim(ours_ids[i], stops)) for i in part_rows)
@@ -523,7 +597,7 @@ def _memory_child(args: argparse.Namespace) -> dict[str, Any]:
     if args.memory_side == "reference":
         _reference_generate(module, dm.builder, gen_records, args.max_new_tokens, device)
     else:
-        _generate_ours(module, dm, gen_rows, args.gen_batch_size, args.max_new_tokens)
+        _generate_ours(module, dm, gen_rows, args.gen_batch_size, args.max_new_tokens, args.precision)
     out["generate_peak_rss_mb"] = _peak_rss_mb()
     if device != "cpu":
         out["generate_cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -579,7 +653,8 @@ def run_stage2_bench(
 
     Args:
         data_dir: XRec data folder (``trn``/``val``/``tst`` records and ``para_dict``).
-        parts: ``"stage2"`` (training throughput), ``"generation"``.
+        parts: ``"stage2"`` (training throughput), ``"generation"``, ``"ablation"`` (what each change buys: one
+            forward+backward over the same records with the changes added one at a time).
         quick: fewer records and repetitions (said so in the output).
         llm: ``"embedded"``, ``"random-7b"`` (CUDA), ``"random-tiny"`` (tests) or any ``load_frozen_llm`` name.
         threads: ``torch.set_num_threads`` for both sides (default: leave as is).
@@ -629,6 +704,9 @@ def run_stage2_bench(
         # the DataModule's own seeded subset choice must pick the same rows: hand it exactly these
         dm._subset_rows = _fixed_rows(dm._subset_rows, rows)
         results["stage2"] = {**_bench_training(module, dm, records, rows, opts), "machine": header}
+    if "ablation" in parts:
+        rows, records = _pick(dm, "trn", max(train_records, 4 * batch_size), seed + 1)
+        results["ablation"] = {**_bench_ablation(module, dm, records, opts), "machine": header}
     if "generation" in parts:
         rows, records = _pick(dm, "tst", gen_records, seed)
         results["generation"] = {**_bench_generation(module, dm, records, rows, opts), "machine": header}
@@ -657,13 +735,15 @@ def format_table(results: dict[str, Any], quick: bool = False) -> str:
     """A short text table of the figures (ours / reference / ratio)."""
     lines = [f"stage-2 bench{' (quick: few records, few repetitions)' if quick else ''}"]
     rows = []
-    if "stage2" in results:
-        s = results["stage2"]
-        m = s["machine"]
+    first = next((results[k] for k in ("stage2", "generation", "ablation") if k in results), None)
+    if first is not None:
+        m = first["machine"]
         lines.append(
             f"machine: {m['cpu']} x{m['cpu_count']}, device {m['device']}, torch threads {m['torch_threads']}, "
-            f"load {m['load_before']} -> {s['load_after']}, llm {m['llm']}"
+            f"load {m['load_before']} -> {first.get('load_after')}, llm {m['llm']}"
         )
+    if "stage2" in results:
+        s = results["stage2"]
         rows += [
             ("train samples/s", s["ours_samples_per_s"], s["reference_samples_per_s"]),
             ("train target tokens/s", s["ours_target_tokens_per_s"], s["reference_target_tokens_per_s"]),
@@ -685,6 +765,12 @@ def format_table(results: dict[str, Any], quick: bool = False) -> str:
             f"checkpoint {s['checkpoint_bytes'] / 2**20:.1f} MiB (adapters + optimizer) vs frozen LLM "
             f"{s['frozen_llm_bytes'] / 2**20:.1f} MiB"
         )
+    if "ablation" in results:
+        lines.append("what each change bought (forward+backward, same records):")
+        lines += [
+            f"  {a['change']:52s} {a['samples_per_s']:7.2f} samples/s  x{a['vs_previous']:.2f} (x{a['vs_first']:.2f} total)"
+            for a in results["ablation"]["steps"]
+        ]
     mem = results.get("memory", {})
     for side in ("ours", "reference"):
         if "train_peak_rss_mb" in mem.get(side, {}):
