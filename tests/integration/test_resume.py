@@ -107,3 +107,79 @@ def test_stage1_kill_mid_epoch_resume_is_bit_identical(synthetic_dir, tmp_path):
     last = _kill_and_resume(args_for, tmp_path, kill_step)
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2 * STEPS_PER_EPOCH
     assert_same_tensors(last, tmp_path / "straight" / "checkpoints" / "last.ckpt")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Failed starts: a damaged or foreign checkpoint, or a resume into a changed config, is one line (exit 2) before
+# training starts, and the previous checkpoints stay as they were. In-process through ``xrec_pl.cli.main``.
+
+
+@pytest.fixture(scope="module")
+def stage2_run(synthetic_dir, tmp_path_factory) -> Path:
+    """A finished 2-step stage-2 run folder (MoE adapters on tiny-random)."""
+    from xrec_pl.cli import main
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("stage2_base") / "run"
+    assert main(["fit", *stage2_args(synthetic_dir, root, *QUIET, "--trainer.max_steps=2")]) == 0
+    return root
+
+
+QUIET = ("--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false")
+
+
+def _damage(kind: str, path: Path) -> None:
+    data = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # corrupted: garbage in the middle of the zip archive
+        mid = len(data) // 2
+        path.write_bytes(data[:mid] + b"\x00garbage\xff" * 64 + data[mid + 640 :])
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "message"),
+    [
+        ("truncated", (), "unreadable checkpoint"),
+        ("corrupted", (), "unreadable checkpoint"),
+        ("other_llm", ("--model.llm=tiny-random-gqa",), "llm"),
+        ("other_adapter", ("--model.adapter=linear",), "adapter"),
+        ("changed_config", ("--model.lr=0.01", "--data.batch_size=4"), "changed config"),
+    ],
+)
+def test_failed_resume_is_one_line_and_keeps_checkpoints(
+    synthetic_dir, stage2_run, tmp_path, capsys, case, overrides, message
+):
+    import shutil
+
+    from xrec_pl.cli import main
+
+    root = tmp_path / "run"
+    shutil.copytree(stage2_run, root)
+    last = root / "checkpoints" / "last.ckpt"
+    if case in ("truncated", "corrupted"):
+        _damage(case, last)
+    before = {p.name: p.read_bytes() for p in (root / "checkpoints").iterdir()}
+    capsys.readouterr()
+    code = main(
+        ["fit", *stage2_args(synthetic_dir, root, *QUIET, "--trainer.max_steps=4", *overrides, "--ckpt_path", "last")]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err and err[-1].startswith("xrec-pl: error: ") and str(last) in err[-1] and message in err[-1], err[-3:]
+    after = {p.name: p.read_bytes() for p in (root / "checkpoints").iterdir()}
+    assert after == before  # nothing written, nothing replaced
+
+
+def test_stage2_checkpoint_refused_by_stage1(synthetic_dir, stage2_run, tmp_path, capsys):
+    import shutil
+
+    from xrec_pl.cli import main
+
+    ckpt = tmp_path / "s1" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(stage2_run / "checkpoints" / "last.ckpt", ckpt)
+    capsys.readouterr()
+    code = main(["fit", *stage1_args(synthetic_dir, tmp_path / "s1", *QUIET), "--ckpt_path", "last"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "weights of another model" in err[-1] and str(ckpt) in err[-1], err[-3:]

@@ -458,7 +458,17 @@ class ExplainerModule(pl.LightningModule):
         checkpoint[_CKPT_KEY] = self._identity()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse checkpoints of another LLM/adapter, or with missing/unexpected adapter keys."""
+        """Refuse checkpoints of another LLM/adapter, or with missing/unexpected adapter keys (``DataError``)."""
+        try:
+            self._check_checkpoint(checkpoint)
+        except ValueError as err:  # LLMLoadError and DataError included: one line that names the file
+            where = (self._trainer.ckpt_path if self._trainer is not None else None) or "checkpoint"
+            raise DataError(f"{where}: {err}") from None
+        # Fill in the frozen weights we already hold, so that the (non-strict) load reports no missing keys; copying a
+        # tensor onto itself changes nothing.
+        checkpoint["state_dict"] = {**self.llm.state_dict(prefix="llm."), **checkpoint["state_dict"]}
+
+    def _check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(_CKPT_KEY)
         if saved is None:
             raise ValueError("not an ExplainerModule checkpoint (no LLM/adapter identity stored)")
@@ -483,6 +493,3 @@ class ExplainerModule(pl.LightningModule):
             have = checkpoint["state_dict"][key].shape
             if have != want:
                 raise ValueError(f"checkpoint tensor {key} has shape {tuple(have)}, this module expects {tuple(want)}")
-        # Fill in the frozen weights we already hold, so that the (non-strict) load reports no missing keys; copying a
-        # tensor onto itself changes nothing.
-        checkpoint["state_dict"] = {**self.llm.state_dict(prefix="llm."), **checkpoint["state_dict"]}
