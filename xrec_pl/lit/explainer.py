@@ -48,13 +48,26 @@ from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.data.sampler import epoch_seed
 from xrec_pl.models.adapters import build_adapter
 from xrec_pl.models.injection import EmbeddingInjector
-from xrec_pl.models.llm import get_llm_info, load_frozen_llm
+from xrec_pl.models.llm import LLMLoadError, get_llm_info, load_frozen_llm
 from xrec_pl.utils import write_jsonl
 
 __all__ = ["EMBEDDING_SOURCES", "ExplainerModule"]
 
 EMBEDDING_SOURCES = ("graph", "fixed", "random", "redrawn")
 _CKPT_KEY = "xrec_explainer"
+
+
+def _causal_suffices(mask: Tensor | None) -> Tensor | None:
+    """``None`` for a right-padded ``(B, T)`` mask, else the mask.
+
+    With right padding the causal mask alone hides every trailing pad from every real token (positions are 0..n-1 in
+    both cases), so the real tokens' hidden states are the same without the padding mask; only the pad positions'
+    own states change, and no loss reads them. SDPA then takes its ``is_causal`` kernel: with an explicit
+    ``(B, 1, T, T)`` mask the CPU kernel was several times slower (tests/unit/test_speedups.py checks equality).
+    """
+    if mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return None
+    return mask
 
 
 class ExplainerModule(pl.LightningModule):
@@ -258,7 +271,7 @@ class ExplainerModule(pl.LightningModule):
         """Last hidden states ``(B, T, H)`` of the batch's tokens (subclasses may prepend virtual tokens)."""
         decoder = self.llm.get_decoder()
         return decoder(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            input_ids=batch["input_ids"], attention_mask=_causal_suffices(batch["attention_mask"]), use_cache=False
         ).last_hidden_state
 
     def full_logits_loss(self, batch: dict[str, Any]) -> Tensor:
@@ -459,10 +472,12 @@ class ExplainerModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse checkpoints of another LLM/adapter, or with missing/unexpected adapter keys (``DataError``)."""
+        where = (self._trainer.ckpt_path if self._trainer is not None else None) or "checkpoint"
         try:
             self._check_checkpoint(checkpoint)
-        except ValueError as err:  # LLMLoadError and DataError included: one line that names the file
-            where = (self._trainer.ckpt_path if self._trainer is not None else None) or "checkpoint"
+        except LLMLoadError as err:  # one line that names the file (the CLI prints these without a traceback)
+            raise LLMLoadError(f"{where}: {err}") from None
+        except ValueError as err:
             raise DataError(f"{where}: {err}") from None
         # Fill in the frozen weights we already hold, so that the (non-strict) load reports no missing keys; copying a
         # tensor onto itself changes nothing.
