@@ -1,6 +1,7 @@
 """Every speed-up of the stage-2 path keeps the results of the straightforward path (tiny random Llama).
 
-Covered: batching with right padding (and hence length bucketing), SDPA vs eager attention, bf16 autocast
+Covered: batching with right padding (and hence length bucketing), the padding mask dropped for right-padded
+batches (SDPA causal kernel), SDPA vs eager attention, bf16 autocast
 (``Trainer(precision="bf16-mixed")``) within a tolerance of fp32. The gathered-position loss and batched generation
 are covered in ``test_explainer.py`` (``test_gathered_loss_equals_full_logits_loss``,
 ``test_generate_batched_equals_one_by_one``).
@@ -92,3 +93,21 @@ def test_bf16_autocast_loss_and_gradients_close_to_fp32(setup):
     assert out[True][0] == pytest.approx(out[False][0], rel=2e-2)
     cos = torch.nn.functional.cosine_similarity(out[True][1], out[False][1], dim=0)
     assert cos > 0.95
+
+
+def test_right_padding_drops_the_mask_exactly(setup):
+    """Right-padded batches run without the padding mask (SDPA's causal kernel); real positions are unchanged."""
+    from xrec_pl.lit.explainer import _causal_suffices
+
+    module, collate, items = setup
+    batch = collate(items)
+    mask = batch["attention_mask"]
+    assert _causal_suffices(mask) is None
+    left = mask.flip(1)
+    assert _causal_suffices(left) is left  # left padding keeps its mask
+    decoder = module.llm.get_decoder()
+    with torch.no_grad(), module._injecting(batch):
+        fast = module.lm_hidden_states(batch)  # (B, T, H), no mask passed
+        masked = decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], masked[real], rtol=1e-5, atol=1e-5)
