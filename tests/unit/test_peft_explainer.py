@@ -240,3 +240,23 @@ def test_ablation_delta_in_pipeline_order(synthetic_dir, tmp_path, method):
     assert isinstance(model, PeftExplainerModule) and model.hparams.method == method
     assert model.hparams.max_new_tokens == 64  # kept from the stage config
     assert model.hparams.injection == "none" and model.hparams.embeddings_path is None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_reach_only_peft_params_and_checkpointing_matches(synthetic_dir, method):
+    grads = {}
+    for checkpointing in (False, True):
+        module = make(method, gradient_checkpointing=checkpointing, lora_dropout=0.0)
+        with torch.no_grad():  # non-zero LoRA B (zero at init) so that every peft parameter gets a gradient
+            for p in module.adapter_parameters():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        dm = ExplanationDataModule(str(synthetic_dir), batch_size=4, tokenizer=module.tokenizer)
+        dm.setup("fit")
+        module.train()
+        module.training_step(next(iter(dm.train_dataloader())), 0).backward()
+        peft_ids = {id(p) for p in module.adapter_parameters()}
+        assert all(p.grad is None for p in module.parameters() if id(p) not in peft_ids)
+        grads[checkpointing] = [p.grad for p in module.adapter_parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads[checkpointing])
+    for with_ckpt, without in zip(grads[True], grads[False]):
+        torch.testing.assert_close(with_ckpt, without)
