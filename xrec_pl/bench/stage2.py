@@ -414,6 +414,7 @@ def _bench_training(module, dm, records, rows, opts: dict[str, Any]) -> dict[str
         "reference_target_tokens_per_s": target_tokens / ref_s,
         "ours_target_tokens_per_s": target_tokens / ours_s,
         "ours_tokenize_once_s": tokenize_s,
+        "work_ratio_limit": _work_ratio(module.llm, seq_tokens, target_tokens),
         "runs": runs,
     }
     if device != "cpu":
@@ -496,6 +497,20 @@ def _bench_ablation(module, dm, records, opts: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def _work_ratio(llm: nn.Module, seq_tokens: int, target_tokens: int) -> float:
+    """Reference FLOPs / ours at equal hardware efficiency: the full-vocab head at every position vs targets only.
+
+    Both sides run the same frozen body forward + input-gradient backward (``4 x body params`` per token); the LM
+    head costs ``4 x V x H`` per position where logits are taken. The limit of the training ratio in fp32 without
+    batching gains; bf16 and batching efficiency go beyond it.
+    """
+    head = llm.get_output_embeddings().weight.numel()
+    body = _count_params(llm) - llm.get_input_embeddings().weight.numel()
+    if llm.get_output_embeddings().weight is not llm.get_input_embeddings().weight:
+        body -= head
+    return (body * seq_tokens + head * seq_tokens) / (body * seq_tokens + head * target_tokens)
+
+
 def _mfu(llm: nn.Module, flops_per_param: float, ref_s: float, ours_s: float) -> dict[str, Any]:
     name = torch.cuda.get_device_name(0)
     peak = peak_flops(name)
@@ -526,10 +541,13 @@ def _bench_generation(module, dm, records, rows, opts: dict[str, Any]) -> dict[s
         t = time.perf_counter()
         ours_ids.update(_generate_ours(module, dm, part_rows, bs, max_new, opts["precision"]))
         ours_s = time.perf_counter() - t
+        t = time.perf_counter()
+        _generate_ours(module, dm, part_rows, bs, 1, opts["precision"])  # prefill (+1 token) alone: the limit
+        prefill_s = time.perf_counter() - t
         ref_new = sum(len(_trim(ref_ids[i], stops)) for i in part_rows)
         ours_new = sum(len(_trim(ours_ids[i], stops)) for i in part_rows)
         chunks.append({"records": len(part_rows), "reference_s": ref_s, "ours_s": ours_s, "reference_new_tokens": ref_new,
-                       "ours_new_tokens": ours_new, "load": _load_note()})  # fmt: skip
+                       "ours_new_tokens": ours_new, "ours_prefill_s": prefill_s, "load": _load_note()})  # fmt: skip
         rank_zero_info(f"generation chunk {len(chunks)}: reference {ref_s:.1f} s, ours {ours_s:.1f} s ({_load_note()})")
     ref_s = sum(c["reference_s"] for c in chunks)
     ours_s = sum(c["ours_s"] for c in chunks)
@@ -552,6 +570,9 @@ def _bench_generation(module, dm, records, rows, opts: dict[str, Any]) -> dict[s
         "chunk_ratio_median": statistics.median(
             (c["ours_new_tokens"] / c["ours_s"]) / (c["reference_new_tokens"] / c["reference_s"]) for c in chunks
         ),
+        "ours_prefill_s": sum(c["ours_prefill_s"] for c in chunks),
+        # the ratio if our decoding cost nothing: batched prefill bounds it
+        "ratio_limit_prefill": (ours_new / sum(c["ours_prefill_s"] for c in chunks)) / (ref_new / ref_s),
         "texts_equal": len(rows) - len(differ),
         "texts_differ": len(differ),
         "first_difference": _first_difference(texts_ref, texts_ours, differ),
@@ -756,6 +777,14 @@ def format_table(results: dict[str, Any], quick: bool = False) -> str:
         ]
     lines.append(f"{'figure':28s} {'ours':>10s} {'reference':>10s} {'ratio':>7s}")
     lines += [f"{name:28s} {a:10.2f} {b:10.2f} {a / b:6.2f}x" for name, a, b in rows]
+    if "stage2" in results:
+        lines.append(
+            f"training limit (work ratio, fp32, no batching gain): {results['stage2']['work_ratio_limit']:.2f}x"
+        )
+    if "generation" in results:
+        lines.append(
+            f"generation limit (decode free, batched prefill only): {results['generation']['ratio_limit_prefill']:.2f}x"
+        )
     if "generation" in results:
         g = results["generation"]
         lines.append(f"greedy texts equal (batched vs one at a time): {g['texts_equal']}/{g['records']}")
