@@ -171,6 +171,7 @@ def evaluate(
     judge_model: str | None = None,
     batch_size: int | None = None,
     device: str | None = None,
+    records: str | None = None,
 ) -> dict:
     """Score a prediction file against its references and print one JSON object.
 
@@ -187,6 +188,8 @@ def evaluate(
         judge_model: Local causal LM used as the judge (default: the embedded LLM).
         batch_size: Scoring batch size for every metric that batches.
         device: ``cpu`` or ``cuda`` (default: cuda when available).
+        records: Score only the pairs whose reference belongs to this XRec split file (e.g. ``tst.pkl``), matched
+            by reference text — how the reference's shuffled released predictions are paired with a split.
     """
     import json
 
@@ -204,7 +207,7 @@ def evaluate(
     }
     if batch_size is not None:
         options.update({f"{m}_batch_size": batch_size for m in chosen if m != "usr"})
-    result = evaluate_files(predictions, references, metrics=chosen, output=output, **options)
+    result = evaluate_files(predictions, references, metrics=chosen, output=output, records=records, **options)
     sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
 

@@ -246,18 +246,51 @@ def _load_pair(predictions_path: str | os.PathLike, references_path: str | os.Pa
     return preds, refs, {"predictions": str(predictions_path), "references": str(ref_path)}
 
 
+def restrict_to_records(
+    preds: list[str], refs: list[str], records_path: str | os.PathLike
+) -> tuple[list[str], list[str], int]:
+    """Keep the pairs whose reference is the explanation of a record in ``records_path`` (an XRec split file).
+
+    The reference's released predictions are not in the order of any split (its test loader shuffled); their
+    references are unique, so the reference text identifies the record. Every record must be found exactly once.
+    """
+    import pandas as pd
+
+    from xrec_pl.data.io import check_records, safe_load_pickle
+
+    path = Path(records_path)
+    frame = safe_load_pickle(path) if path.suffix in (".pkl", ".pickle") else pd.read_parquet(path)
+    if not isinstance(frame, pd.DataFrame):
+        raise DataError(f"{path}: expected a DataFrame of XRec records, got {type(frame).__name__}")
+    check_records(frame, path)
+    wanted = set(frame["explanation"].astype(str))
+    keep = [i for i, ref in enumerate(refs) if ref in wanted]
+    found = {refs[i] for i in keep}
+    if len(found) != len(wanted) or len(keep) != len(wanted):
+        raise DataError(
+            f"{path}: {len(wanted)} records, but {len(found)} of their explanations matched "
+            f"{len(keep)} references (each must match exactly one)"
+        )
+    return [preds[i] for i in keep], [refs[i] for i in keep], len(refs) - len(keep)
+
+
 def evaluate_files(
     predictions_path: str | os.PathLike,
     references_path: str | os.PathLike | None = None,
     metrics: Sequence[str] | None = DEFAULT_METRICS,
     output: str | os.PathLike | None = None,
+    records: str | os.PathLike | None = None,
     **metric_kwargs: Any,
 ) -> dict[str, Any]:
     """:func:`evaluate` on files; references default to the ``reference`` field of the predictions JSONL.
 
+    ``records`` (an XRec split file) restricts the pairs to that split's records, matched by reference text.
     Writes the result as JSON to ``output`` (atomically) when given, and returns it.
     """
     preds, refs, sources = _load_pair(predictions_path, references_path)
+    if records is not None:
+        preds, refs, dropped = restrict_to_records(preds, refs, records)
+        sources = {**sources, "records": str(records), "pairs_outside_records": str(dropped)}
     result = evaluate(preds, refs, metrics or DEFAULT_METRICS, sources=sources, **metric_kwargs)
     if output is not None:
         dump_json(output, result)
