@@ -30,6 +30,7 @@ import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from xrec_pl.data.io import DataError
 
@@ -118,7 +119,8 @@ class PreemptionCheckpoint(pl.Callback):
 
     Args:
         filename: Checkpoint file name inside the checkpoint folder (``<run>/checkpoints``).
-        stop_on_sigusr1: Stop training after saving on SIGUSR1 (SIGTERM always stops: Lightning raises).
+        stop_on_sigusr1: Stop the process right after saving on SIGUSR1 (exit status 138 = 128 + SIGUSR1); SIGTERM
+            always stops (Lightning raises ``SIGTERMException`` after the batch).
     """
 
     def __init__(self, filename: str = "last.ckpt", stop_on_sigusr1: bool = True) -> None:
@@ -151,14 +153,19 @@ class PreemptionCheckpoint(pl.Callback):
         return Path(folder) / self.filename
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if not (trainer.received_sigterm or self._sigusr1):
+        requested = bool(trainer.received_sigterm or self._sigusr1)
+        if trainer.world_size > 1:  # a signal that reached one rank stops all of them at the same batch
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested:
             return
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         rank_zero_info(f"[xrec-pl] preemption signal: saved {path} at step {trainer.global_step}")
-        if self._sigusr1 and self.stop_on_sigusr1:
-            trainer.should_stop = True
         self._sigusr1 = False
+        if self.stop_on_sigusr1 and not trainer.received_sigterm:
+            # Stop now, as Lightning does on SIGTERM: a graceful stop would run the epoch-end hooks, whose checkpoints
+            # (ModelCheckpoint's save_last) would record the interrupted epoch as finished.
+            raise SIGTERMException(128 + int(signal.SIGUSR1))
 
 
 class PeriodicCheckpoint(ModelCheckpoint):

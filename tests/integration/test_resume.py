@@ -24,9 +24,10 @@ STEPS_PER_EPOCH = 5  # stage 2: 40 training records / batch 8; stage 1: 605 inte
 STAGE1 = ("--data.batch_size=128", "--trainer.check_val_every_n_epoch=1")
 
 
-def _callbacks_yaml(path: Path, *, pause: tuple[int, Path] | None = None, max_epochs: int = 2, val: str = "") -> Path:
+def _callbacks_yaml(path: Path, *, pause: tuple[int, Path] | None = None, every_step: bool = True) -> Path:
     """A config delta: checkpoint after every step (all kept), RNG state, preemption, optional pause-to-be-killed."""
     extra = ""
+    every = "every_n_train_steps: 1\n        save_top_k: -1" if every_step else "save_top_k: 0"
     if pause is not None:
         extra = (
             "    - class_path: tests.integration.cli_runs.PauseAtStep\n"
@@ -35,16 +36,14 @@ def _callbacks_yaml(path: Path, *, pause: tuple[int, Path] | None = None, max_ep
     path.write_text(
         f"""
 trainer:
-  max_epochs: {max_epochs}
+  max_epochs: 2
   enable_progress_bar: false
   enable_model_summary: false
-{val}
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args:
         monitor: null
-        every_n_train_steps: 1
-        save_top_k: -1
+        {every}
         enable_version_counter: false
         save_last: true
         filename: "step{{step:03d}}"
@@ -183,3 +182,28 @@ def test_stage2_checkpoint_refused_by_stage1(synthetic_dir, stage2_run, tmp_path
     code = main(["fit", *stage1_args(synthetic_dir, tmp_path / "s1", *QUIET), "--ckpt_path", "last"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "weights of another model" in err[-1] and str(ckpt) in err[-1], err[-3:]
+
+
+def test_sigusr1_writes_last_at_the_current_step_and_resumes_exactly(synthetic_dir, stage2_straight, tmp_path):
+    """SIGUSR1 while step 7 runs: PreemptionCheckpoint writes last.ckpt after it and exits; resuming ends exact."""
+    root, marker = tmp_path / "run", tmp_path / "paused"
+    # no periodic checkpoints in this run: last.ckpt can only come from the preemption callback
+    cfg = _callbacks_yaml(tmp_path / "preempt.yaml", pause=(6, marker), every_step=False)
+    proc = start("fit", stage2_args(synthetic_dir, root, "-c", str(cfg)), tmp_path / "preempt.log")
+    try:
+        wait_for(marker, proc)
+        proc.send_signal(signal.SIGUSR1)
+        Path(f"{marker}.go").touch()
+        assert proc.wait(timeout=120) == 128 + signal.SIGUSR1, (tmp_path / "preempt.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = root / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 7
+    assert "preemption signal: saved" in (tmp_path / "preempt.log").read_text()
+    assert_same_tensors(last, stage2_straight / "step007.ckpt")
+    done = run(
+        "fit", stage2_args(synthetic_dir, root, "-c", str(_callbacks_yaml(tmp_path / "r.yaml")), "--ckpt_path", "last")
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_tensors(last, stage2_straight / "last.ckpt")
