@@ -356,12 +356,18 @@ class ExplanationDataModule(pl.LightningDataModule):
             **self._loader_kwargs(),
         )
 
-    def _eval_loader(self, items: list[dict[str, Any]], side: str, batch_size: int | None = None) -> DataLoader:
+    def _eval_loader(
+        self, items: list[dict[str, Any]], side: str, batch_size: int | None = None, shard: bool = True
+    ) -> DataLoader:
         # longest first: similar lengths share a batch and a too-long batch fails at once, not at the end
         items = sorted(items, key=lambda it: -len(it["input_ids"]))
+        dataset = _ListDataset(items)
+        # under DDP each record goes to exactly one rank (strided, no padding duplicates), so summed metrics are exact
+        sampler = ResumableSampler(dataset, shuffle=False, pad=False) if shard else None
         return DataLoader(
-            _ListDataset(items),
+            dataset,
             batch_size=batch_size or self.eval_batch_size,
+            sampler=sampler,
             shuffle=False,
             collate_fn=PadCollator(self._pad_id(), side=side),
             **self._loader_kwargs(),
@@ -389,7 +395,8 @@ class ExplanationDataModule(pl.LightningDataModule):
         Returns:
             A DataLoader (longest prompts first) whose batches carry ``reference`` (list[str]).
         """
-        return self._eval_loader(self._prompt_items(_split_name(split), indices), "left", batch_size)
+        # not sharded: callers pass each rank's own indices
+        return self._eval_loader(self._prompt_items(_split_name(split), indices), "left", batch_size, shard=False)
 
     def num_records(self, split: str) -> int:
         """Number of records in a split file (before any subset)."""

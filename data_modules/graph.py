@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from xrec_pl.data.graph import ItemSets, NegativeSampler, normalized_adjacency
 from xrec_pl.data.io import read_interactions, read_para_dict
-from xrec_pl.data.sampler import ResumableDataLoader
+from xrec_pl.data.sampler import ResumableDataLoader, ResumableSampler
 
 __all__ = ["InteractionDataModule", "TripleDataset", "UserDataset"]
 
@@ -188,9 +188,11 @@ class InteractionDataModule(pl.LightningDataModule):
         )
 
     def _users_loader(self, split: str) -> ResumableDataLoader:
-        users = torch.nonzero(self.targets(split).counts() > 0).flatten()
+        users = UserDataset(torch.nonzero(self.targets(split).counts() > 0).flatten())
+        # under DDP every user is evaluated by exactly one rank (no padding duplicates): the summed metrics are exact
         return ResumableDataLoader(
-            UserDataset(users),
+            users,
+            sampler=ResumableSampler(users, shuffle=False, pad=False),
             batch_size=self.eval_batch_size,
             shuffle=False,
             num_workers=self.num_workers,

@@ -70,6 +70,8 @@ class ResumableSampler(DistributedSampler):
         rank: This process' rank; ``None`` reads it from ``torch.distributed`` (0 when not initialised).
         drop_last: Drop the tail so that every rank gets ``floor(n / num_replicas)`` samples; otherwise pad by
             repeating the start of the permutation to ``ceil(n / num_replicas)`` (as ``DistributedSampler``).
+        pad: With ``drop_last=False``: pad (above) or not; ``pad=False`` gives every sample to exactly one rank, in
+            shards that may differ by one (evaluation: no sample counted twice).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class ResumableSampler(DistributedSampler):
         num_replicas: int | None = None,
         rank: int | None = None,
         drop_last: bool = False,
+        pad: bool = True,
     ) -> None:
         # DistributedSampler.__init__ insists on an initialised process group; set its attributes ourselves instead.
         world, this_rank = _dist_info()
@@ -93,11 +96,14 @@ class ResumableSampler(DistributedSampler):
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.epoch = 0
+        self.pad = bool(pad)
         if self.drop_last:
             self.num_samples = self.n // self.num_replicas
-        else:
+        elif self.pad:
             self.num_samples = math.ceil(self.n / self.num_replicas)
-        self.total_size = self.num_samples * self.num_replicas
+        else:
+            self.num_samples = len(range(self.rank, self.n, self.num_replicas))
+        self.total_size = self.n if not (self.drop_last or self.pad) else self.num_samples * self.num_replicas
         self._start = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -144,6 +150,9 @@ class ResumableDataLoader(DataLoader):
     by index (no data is loaded for consumed batches); with any other deterministic sampler the consumed batches are
     drawn and discarded.
 
+    Starting an iteration draws nothing from the global torch generator: the loader has its own, re-seeded from
+    ``(seed, epoch)`` at every iteration (it gives the workers their base seed).
+
     ``state_dict()`` returns ``{"epoch", "batches_consumed", "batch_size", "num_replicas"}``; after
     ``load_state_dict(state)`` the next iteration of epoch ``state["epoch"]`` yields exactly the batches after the
     first ``batches_consumed``. ``len()`` is always the full epoch length (Lightning counts the skipped batches itself).
@@ -175,7 +184,9 @@ class ResumableDataLoader(DataLoader):
                 f"{type(dataset).__name__} changes with the epoch (set_epoch); persistent_workers=True would keep "
                 "stale copies of it in the workers"
             )
+        kwargs.setdefault("generator", torch.Generator())
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
+        self._seed = int(getattr(sampler, "seed", seed))
         self._iter_epoch = 0
         self._consumed = 0
         self._pending: dict[str, int] | None = None
@@ -199,6 +210,10 @@ class ResumableDataLoader(DataLoader):
         if fast and skip:
             self.sampler.start_at(skip * self.batch_size)
         self._iter_epoch, self._consumed = epoch, skip
+        # The iterator draws the workers' base seed from this generator, not from the global one: worker seeds depend
+        # on (seed, epoch) only, and starting an iterator leaves the training random stream alone.
+        if self.generator is not None:
+            self.generator.manual_seed(epoch_seed(self._seed, epoch, stream=7))
         iterator = super().__iter__()
         if not fast:
             for _ in range(skip):

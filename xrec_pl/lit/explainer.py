@@ -160,6 +160,7 @@ class ExplainerModule(pl.LightningModule):
             self.llm.activation_checkpointing_enable({"use_reentrant": False})
             self._checkpointing_layers(True)
         self._predictions: list[dict[str, Any]] = []
+        self._eval_totals = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count) of the running eval epoch
 
     # ------------------------------------------------------------------------------------------ embeddings
     def _init_embeddings(self) -> None:
@@ -251,8 +252,8 @@ class ExplainerModule(pl.LightningModule):
         return contextlib.nullcontext() if inj is None else self.injector.injecting(*inj)
 
     # ------------------------------------------------------------------------------------------ loss
-    def lm_loss(self, batch: dict[str, Any]) -> Tensor:
-        """Mean cross-entropy over labelled tokens, with the LM head evaluated at those positions only.
+    def lm_loss(self, batch: dict[str, Any], reduction: str = "mean") -> Tensor:
+        """Mean (or, with ``reduction="sum"``, summed) cross-entropy over labelled tokens, LM head at those only.
 
         Equal to the loss of ``llm(input_ids, attention_mask, labels=labels)`` (tested).
         """
@@ -265,7 +266,7 @@ class ExplainerModule(pl.LightningModule):
         cap = getattr(self.llm.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits, targets[mask])
+        return F.cross_entropy(logits, targets[mask], reduction=reduction)
 
     def lm_hidden_states(self, batch: dict[str, Any]) -> Tensor:
         """Last hidden states ``(B, T, H)`` of the batch's tokens (subclasses may prepend virtual tokens)."""
@@ -305,16 +306,42 @@ class ExplainerModule(pl.LightningModule):
         self.injector.clear()
 
     def _eval_loss(self, batch: dict[str, Any], key: str) -> Tensor:
+        # summed over tokens here, divided by the token count of the whole split (all ranks) at the epoch end
         with self._injecting(batch):
-            loss = self.lm_loss(batch)
-        self.log(key, loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+            total = self.lm_loss(batch, reduction="sum")
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self._eval_totals = self._eval_totals + torch.stack(
+            [total.detach().double(), total.new_tensor(tokens).double()]
+        )
+        return total / max(tokens, 1)
+
+    def _eval_end(self, key: str) -> None:
+        """Log ``key`` = token-level mean cross-entropy over the split: sums and counts all-reduced, then divided.
+
+        The same value whatever the batching or the number of ranks (each record is evaluated by one rank).
+        """
+        totals = self.trainer.strategy.reduce(self._eval_totals.to(self.device), reduce_op="sum")  # (2,)
+        if float(totals[1]) > 0:
+            self.log(key, (totals[0] / totals[1]).float(), prog_bar=True, sync_dist=False)
+        self._eval_totals = torch.zeros(2, dtype=torch.float64)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_totals = torch.zeros(2, dtype=torch.float64)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._eval_loss(batch, "val/loss")
 
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val/loss")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_totals = torch.zeros(2, dtype=torch.float64)
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._eval_loss(batch, "test/loss")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test/loss")
 
     # ------------------------------------------------------------------------------------------ generation
     def _stop_ids(self) -> list[int]:

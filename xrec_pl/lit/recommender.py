@@ -70,6 +70,8 @@ class LightGCNModule(pl.LightningModule):
         self.model: LightGCN | None = None
         self._adj: Tensor | None = None
         self._eval_emb: tuple[Tensor, Tensor] | None = None
+        self._eval_sums: dict[str, Tensor] = {}
+        self._eval_count = 0
         if num_users is not None and num_items is not None:
             self._build(num_users, num_items)
 
@@ -150,24 +152,43 @@ class LightGCNModule(pl.LightningModule):
             ks=self.ks,
             exclude=_gather(dm.known_items(split), users),
         )
-        means = {f"{split}/{name}": value.mean() for name, value in metrics.items()}
-        self.log_dict(means, on_step=False, on_epoch=True, batch_size=users.numel(), sync_dist=True)
-        return means
+        for name, value in metrics.items():  # per-user values (B,), summed in float64
+            self._eval_sums[name] = self._eval_sums.get(name, 0.0) + value.double().sum()
+        self._eval_count += users.numel()
+        return {f"{split}/{name}": value.mean() for name, value in metrics.items()}
+
+    def _eval_end(self, split: str) -> None:
+        """Log the per-user means over all users of all ranks: sums and counts all-reduced, then divided.
+
+        Exactly the single-process value under DDP (each user is evaluated by one rank, uneven shards allowed),
+        unlike a mean of per-rank means.
+        """
+        self._eval_emb = None
+        names = sorted(self._eval_sums)
+        if not names:
+            return
+        totals = torch.stack([self._eval_sums[n] for n in names] + [torch.tensor(float(self._eval_count))])
+        totals = self.trainer.strategy.reduce(totals.to(self.device), reduce_op="sum")  # (M + 1,)
+        means = {f"{split}/{n}": (totals[i] / totals[-1]).float() for i, n in enumerate(names)}
+        self.log_dict(means, on_step=False, on_epoch=True, sync_dist=False)
+        self._eval_sums, self._eval_count = {}, 0
 
     def on_validation_epoch_start(self) -> None:
         self._eval_start()
+        self._eval_sums, self._eval_count = {}, 0
 
     def validation_step(self, users: Tensor, batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step(users, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_emb = None
+        self._eval_end("val")
 
     def on_test_epoch_start(self) -> None:
         self._eval_start()
+        self._eval_sums, self._eval_count = {}, 0
 
     def test_step(self, users: Tensor, batch_idx: int) -> dict[str, Tensor]:
         return self._eval_step(users, "test")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_emb = None
+        self._eval_end("test")
