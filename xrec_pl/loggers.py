@@ -1,13 +1,27 @@
-"""Experiment tracking: W&B that never hangs and never needs the network unless a key is configured."""
+"""Experiment tracking: W&B that never hangs and never needs the network unless a key is configured.
+
+:class:`XrecWandbLogger` resolves ``mode: auto`` (online with a key, offline without), writes its ``wandb/`` folder
+into the run folder, and logs the run's outputs as W&B artifacts itself, in every mode but ``disabled``: Lightning's
+``log_model`` refuses offline runs, whereas offline artifacts are simply synced later (``wandb sync``).
+
+* ``checkpoint`` (type ``model``): ``last.ckpt`` and the best checkpoint of every ``ModelCheckpoint`` (stage 2: the
+  adapters only), after ``fit``;
+* ``predictions`` (type ``predictions``): ``<run>/predictions.jsonl`` after ``predict``; ``embeddings`` (type
+  ``embeddings``): ``<run>/embeddings.safetensors`` after stage 1.
+
+Artifacts are logged from rank zero (Lightning calls logger hooks there only), when a stage ends successfully.
+"""
 
 from __future__ import annotations
 
 import netrc
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 
 def wandb_mode(mode: str = "auto") -> str:
@@ -40,7 +54,7 @@ class XrecWandbLogger(WandbLogger):
         entity: W&B entity (team or user).
         tags: Run tags.
         mode: ``auto`` (online with a key, offline without), ``online``, ``offline`` or ``disabled``.
-        log_model: Log checkpoints as artifacts (``True`` at the end, ``"all"`` as they are written).
+        log_model: Log the checkpoints, predictions and embeddings of the run as artifacts when a stage ends.
         save_dir: Folder of the ``wandb/`` run files (the CLI sets the run folder).
         **kwargs: Passed on to ``WandbLogger`` / ``wandb.init``.
     """
@@ -52,7 +66,7 @@ class XrecWandbLogger(WandbLogger):
         entity: str | None = None,
         tags: list[str] | None = None,
         mode: str = "auto",
-        log_model: bool | str = True,
+        log_model: bool = True,
         save_dir: str = ".",
         **kwargs: Any,
     ) -> None:
@@ -69,8 +83,53 @@ class XrecWandbLogger(WandbLogger):
             tags=tags,
             mode=resolved,
             offline=resolved == "offline",
-            log_model=log_model if resolved == "online" else False,
+            log_model=False,  # artifacts are logged by finalize(), offline too
             save_dir=save_dir,
             **kwargs,
         )
         self.resolved_mode = resolved
+        self.log_outputs = bool(log_model) and resolved != "disabled"
+        self._run_dir = Path(save_dir)
+        self._ckpt_callbacks: dict[int, Any] = {}
+        self._logged: dict[str, float] = {}  # path -> mtime already logged
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self._ckpt_callbacks[id(checkpoint_callback)] = checkpoint_callback
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if status == "success" and self.log_outputs and self._experiment is not None:
+            self.log_run_outputs()
+
+    def _artifact_name(self, kind: str) -> str:
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{self._run_dir.name or 'run'}-{kind}")
+        return base.strip("-.") or kind
+
+    def log_run_outputs(self) -> list[str]:
+        """Log new or changed run outputs (checkpoints, predictions, embeddings) as artifacts; their names."""
+        import wandb
+
+        ckpts: list[Path] = []
+        for callback in self._ckpt_callbacks.values():
+            for attr in ("last_model_path", "best_model_path"):
+                path = getattr(callback, attr, "") or ""
+                if path and Path(path).is_file() and Path(path) not in ckpts:
+                    ckpts.append(Path(path))
+        groups = {
+            ("checkpoint", "model"): ckpts,
+            ("predictions", "predictions"): [self._run_dir / "predictions.jsonl"],
+            ("embeddings", "embeddings"): [self._run_dir / "embeddings.safetensors"],
+        }
+        logged = []
+        for (kind, type_), paths in groups.items():
+            fresh = [p for p in paths if p.is_file() and self._logged.get(str(p)) != p.stat().st_mtime]
+            if not fresh:
+                continue
+            artifact = wandb.Artifact(self._artifact_name(kind), type=type_)
+            for path in fresh:
+                artifact.add_file(str(path), name=path.name)
+                self._logged[str(path)] = path.stat().st_mtime
+            self.experiment.log_artifact(artifact)
+            logged.append(artifact.name)
+        return logged
