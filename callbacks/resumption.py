@@ -134,8 +134,9 @@ class PreemptionCheckpoint(pl.Callback):
         if callable(self._previous):
             self._previous(signum, frame)
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and hasattr(signal, "SIGUSR1"):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # installed after Lightning's signal connector recorded the original handlers (it restores them at the end)
+        if hasattr(signal, "SIGUSR1") and self._previous is None:
             try:
                 self._previous = signal.signal(signal.SIGUSR1, self._handler)
             except ValueError:  # not the main thread: leave signals to the launcher
@@ -146,6 +147,9 @@ class PreemptionCheckpoint(pl.Callback):
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signal.SIGUSR1, self._previous)
             self._previous = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # Lightning skips the teardown hooks after an exception
 
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:
         ckpt = trainer.checkpoint_callback
