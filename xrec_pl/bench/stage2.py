@@ -254,6 +254,10 @@ def _reference_generate(module, builder, records: list[dict], max_new_tokens: in
         suppress_tokens=sorted(set(module.llm_info.reserved_token_ids.values())),
     )
     outs = []
+    adapters = [module.user_adapter, module.item_adapter]
+    modes = [a.training for a in adapters]
+    for a in adapters:
+        a.eval()  # no dropout / gate noise while generating (as generate_explanations)
     with _InPlaceInjector(module.llm) as inj:
         for rec in records:
             enc = builder.encode_prompt(rec)
@@ -268,6 +272,8 @@ def _reference_generate(module, builder, records: list[dict], max_new_tokens: in
             )
             outs.append(out[0, input_ids.shape[1] :].tolist())
             inj.vectors = None
+    for a, mode in zip(adapters, modes):
+        a.train(mode)
     return outs
 
 
