@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration  # ~5 s: forked workers, tiny models
 
 
 def _trainer(root: Path, devices: int, **kwargs) -> pl.Trainer:
