@@ -115,6 +115,18 @@ class XrecCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"prog": "xrec-pl"})
         super().__init__(*args, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters before anything of ours runs: a damaged file must still
+        # give one line naming it, not a traceback from torch.load.
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as err:
+            from xrec_pl.data.io import DataError
+
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            raise DataError(f"{ckpt_path}: not a readable checkpoint ({type(err).__name__}: {detail})") from err
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         place_run_outputs(cfg.trainer, subcommand=self.subcommand, ckpt_path=cfg.get("ckpt_path"))

@@ -70,3 +70,13 @@ def test_make_synthetic_refuses_non_empty_folder(tmp_path, capsys):
     assert main(["make-synthetic", "--out", str(out), "--size", "tiny"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_damaged_checkpoint_path_is_one_line(tmp_path, capsys, repo_root):
+    junk = tmp_path / "broken.ckpt"
+    junk.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    config = str(repo_root / "configs" / "stage1" / "synthetic.yaml")
+    code = main(["test", "-c", config, "--ckpt_path", str(junk), f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"xrec-pl: error: {junk}: not a readable checkpoint")
+    assert junk.read_bytes() == b"PK\x03\x04 not really a checkpoint"
