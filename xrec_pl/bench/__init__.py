@@ -38,6 +38,9 @@ def bench(
     data_dir: str = "../shared/data/amazon",
     out: str = "bench_results/bench.json",
     quick: bool = False,
+    threads: int | None = None,
+    precision: str = "32-true",
+    llm: str = "embedded",
 ) -> dict[str, Any]:
     """Benchmark xrec-pl against reference-style implementations; print a table and write JSON.
 
@@ -46,6 +49,10 @@ def bench(
         data_dir: XRec data folder (Amazon-books by default).
         out: JSON output path.
         quick: Fewer steps and repetitions (extrapolated; said so in the output).
+        threads: ``torch.set_num_threads`` for both sides (on a busy shared CPU, 1 is often fastest).
+        precision: Stage-2 precision of our side (``32-true`` or ``bf16-mixed``; the reference stays fp32).
+        llm: Stage-2 LLM: ``embedded``, ``random-7b`` (Llama-2-7B dimensions, random bf16 weights, CUDA) or
+            ``random-tiny``.
     """
     parts = list(parts or PARTS)
     unknown = sorted(set(parts) - set(PARTS))
@@ -57,11 +64,14 @@ def bench(
     if "stage1" in parts:
         from xrec_pl.bench.stage1 import run_stage1_bench
 
-        results["stage1"] = run_stage1_bench(data_dir, quick=quick)
+        results["stage1"] = run_stage1_bench(data_dir, repeats=2, max_steps=20 if quick else None, num_threads=threads)
     if "stage2" in parts or "generation" in parts:
         from xrec_pl.bench.stage2 import run_stage2_bench
 
-        results.update(run_stage2_bench(data_dir, parts=[p for p in parts if p != "stage1"], quick=quick))
+        stage2_parts = [p for p in parts if p != "stage1"]
+        results.update(
+            run_stage2_bench(data_dir, parts=stage2_parts, quick=quick, llm=llm, threads=threads, precision=precision)
+        )
     dump_json(Path(out), results)
     sys.stdout.write(json.dumps(results, indent=2, default=str) + "\n")
     return results
