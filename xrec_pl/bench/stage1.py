@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from xrec_pl.bench.clock import EpochClock
 from xrec_pl.utils import dump_json
 
 __all__ = ["run_stage1_bench"]
@@ -132,24 +133,11 @@ def _time_ours(data_dir: Path, seed: int, batch_size: int, max_steps: int | None
     from data_modules.graph import InteractionDataModule
     from xrec_pl.lit.recommender import LightGCNModule
 
-    class _Clock(pl.Callback):
-        start = stop = 0.0
-        steps = 0
-
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            self.steps += 1
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self.stop = time.perf_counter()
-
     class _Epoch(pl.Callback):  # bench epoch `epoch` of the data order (negatives are re-drawn for it)
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             trainer.train_dataloader.sampler.set_epoch(epoch)
 
-    clock = _Clock()
+    clock = EpochClock()
     dm = InteractionDataModule(data_dir, batch_size=batch_size, seed=seed)
     trainer = pl.Trainer(
         max_epochs=1,

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from xrec_pl.bench.clock import EpochClock
+
 __all__ = ["PEAK_FLOPS", "run_stage2_bench"]
 
 RANDOM_LLMS = ("random-7b", "random-tiny")
@@ -282,22 +284,7 @@ def _reference_generate(module, builder, records: list[dict], max_new_tokens: in
 def _fit_ours(module, dm, device: str, precision: str, max_steps: int | None = None) -> dict[str, float]:
     import lightning.pytorch as pl
 
-    class _Clock(pl.Callback):
-        start = stop = 0.0
-        steps = 0
-
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            self.steps += 1
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            if device != "cpu":
-                torch.cuda.synchronize()
-            self.stop = time.perf_counter()
-
-    clock = _Clock()
+    clock = EpochClock(sync_cuda=device != "cpu")
     with _quiet():
         trainer = _trainer(pl, clock, device, precision, max_steps)
         trainer.fit(module, dm)
