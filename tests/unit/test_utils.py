@@ -1,0 +1,27 @@
+"""Atomic writes: all or nothing, with ordinary file permissions."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from xrec_pl.utils import atomic_path, atomic_write_text, dump_json
+
+
+def test_atomic_write_has_umask_permissions(tmp_path):
+    path = atomic_write_text(tmp_path / "a.txt", "hello")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == "hello"
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_failed_write_leaves_the_previous_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    dump_json(target, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash while writing")
+    assert target.read_text().strip().startswith("{") and '"a": 1' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
