@@ -8,7 +8,6 @@ import re
 
 import lightning.pytorch as pl
 import pytest
-import torch
 
 from data_modules.explanations import ExplanationDataModule
 from xrec_pl.lit.explainer import ExplainerModule
@@ -23,12 +22,8 @@ COMMON_WORDS = {"the", "a", "an", "and", "to", "of", "is", "in", "this", "user",
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Measured on the shared 2-core CI box under load: two intra-op threads made this test ~8x slower (spin-waits).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (see the ``one_thread`` fixture)."""
 
 
 class _Losses(pl.Callback):

@@ -22,11 +22,8 @@ pytestmark = [
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (see the ``one_thread`` fixture)."""
 
 
 class _Losses(pl.Callback):

@@ -9,11 +9,8 @@ from xrec_pl.bench import stage2
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (see the ``one_thread`` fixture)."""
 
 
 def test_bench_random_tiny_end_to_end(synthetic_dir, tmp_path):

@@ -9,18 +9,15 @@ import pytest
 import torch
 
 from data_modules.explanations import ExplanationDataModule
+from tests.helpers import quiet_trainer
 from xrec_pl.data.io import DataError, save_embeddings
 from xrec_pl.lit.explainer import ExplainerModule
 from xrec_pl.models.llm import LLMLoadError
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a shared 2-core box: intra-op threads only add spin-wait (10x slower under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (see the ``one_thread`` fixture)."""
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +34,7 @@ def make(emb_path, **kwargs):
     return ExplainerModule(**kwargs)
 
 
-def trainer(tmp_path, **kwargs):
-    defaults = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(tmp_path),
-    }
-    return pl.Trainer(**{**defaults, **kwargs})
+trainer = quiet_trainer
 
 
 def train_batch(module, data_dir, batch_size=4):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from data_modules.explanations import ExplanationDataModule
+from tests.helpers import quiet_trainer
 from xrec_pl.lit.peft_explainer import PeftExplainerModule
 
 METHODS = ["lora", "prompt_tuning"]
@@ -18,11 +19,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (see the ``one_thread`` fixture)."""
 
 
 def make(method, **kwargs):
@@ -31,16 +29,7 @@ def make(method, **kwargs):
     return PeftExplainerModule(method=method, **kwargs)
 
 
-def trainer(tmp_path, **kwargs):
-    defaults = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(tmp_path),
-    }
-    return pl.Trainer(**{**defaults, **kwargs})
+trainer = quiet_trainer
 
 
 def base_state(module):
