@@ -298,7 +298,7 @@ def write_report(spec: Suite, out: Path, seeds: list[int], wall_s: float = 0.0) 
             for seed in seeds:
                 ours = _per_sample(out / arm / f"seed{seed}").get(metric, {})
                 ref = _per_sample(out / spec.reference_arm / f"seed{seed}").get(metric, {})
-                keys = sorted(set(ours) & set(ref))
+                keys = [k for k in sorted(set(ours) & set(ref)) if math.isfinite(ours[k]) and math.isfinite(ref[k])]
                 a += [ours[k] for k in keys]
                 b += [ref[k] for k in keys]
             if len(a) >= 2:
@@ -318,6 +318,7 @@ def spec_metrics_per_sample(spec: Suite) -> list[str]:
         "bleurt": ["bleurt"],
         "bartscore": ["bartscore"],
         "llm_judge": ["llm_judge"],
+        "community": ["community"],
     }
     return [m for metric in spec.metrics for m in names.get(metric, [])]
 

@@ -1,7 +1,8 @@
 """Explanation metrics as torchmetrics Metrics whose states are per-sample tensors (DDP-safe; text is never synced).
 
 ``build_metric("bertscore", num_layers=6)`` builds one by name; names: ``usr``, ``bertscore``, ``bleurt``,
-``bartscore``, ``llm_judge``. The classes are imported on first access (``from xrec_pl.metrics import USR``), so
+``bartscore``, ``llm_judge``, ``community`` (synthetic data: does the prediction name the reference's
+graph-only community). The classes are imported on first access (``from xrec_pl.metrics import USR``), so
 importing this package or ``xrec_pl.metrics.hashing`` stays light; bert_score / transformers load only when a
 backend is first used.
 """
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from xrec_pl.metrics.bleurt import BLEURT
     from xrec_pl.metrics.hashing import stable_text_hash
     from xrec_pl.metrics.judge import LLMJudge, parse_judge_score
+    from xrec_pl.metrics.phrase import PhraseRecall
     from xrec_pl.metrics.usr import USR
 
 # metric name -> "module:Class"
@@ -27,6 +29,7 @@ METRICS: dict[str, str] = {
     "bleurt": "xrec_pl.metrics.bleurt:BLEURT",
     "bartscore": "xrec_pl.metrics.bartscore:BARTScore",
     "llm_judge": "xrec_pl.metrics.judge:LLMJudge",
+    "community": "xrec_pl.metrics.phrase:PhraseRecall",
 }
 
 _EXPORTS = {
@@ -35,6 +38,7 @@ _EXPORTS = {
     "BLEURT": "xrec_pl.metrics.bleurt",
     "BARTScore": "xrec_pl.metrics.bartscore",
     "LLMJudge": "xrec_pl.metrics.judge",
+    "PhraseRecall": "xrec_pl.metrics.phrase",
     "parse_judge_score": "xrec_pl.metrics.judge",
     "PerSampleMetric": "xrec_pl.metrics.base",
     "stable_text_hash": "xrec_pl.metrics.hashing",
@@ -68,6 +72,7 @@ __all__ = [
     "LLMJudge",
     "METRICS",
     "PerSampleMetric",
+    "PhraseRecall",
     "USR",
     "build_metric",
     "metric_class",
