@@ -329,19 +329,19 @@ def _trainer(pl, clock, device: str, precision: str, max_steps: int | None):
 def _generate_ours(
     module, dm, rows: list[int], batch_size: int, max_new_tokens: int, precision: str = "32-true"
 ) -> dict[int, list[int]]:
-    """Batched generation of ``rows`` of ``tst``; the new token ids per row (captured from ``llm.generate``).
+    """Batched generation of ``rows`` of ``tst``; the new token ids per row (captured from ``generate_tokens``).
 
     ``precision="bf16-mixed"`` autocasts as the Trainer's precision plugin does around ``predict_step``.
     """
     captured: list[Tensor] = []
-    original = module.llm.generate
+    original = module.generate_tokens
 
     def capture(*args: Any, **kwargs: Any) -> Tensor:
         out = original(*args, **kwargs)
-        captured.append(out[:, kwargs["input_ids"].shape[1] :].cpu())
+        captured.append(out.cpu())
         return out
 
-    module.llm.generate = capture
+    module.generate_tokens = capture
     result: dict[int, list[int]] = {}
     try:
         bf16 = precision.startswith("bf16")
@@ -351,7 +351,7 @@ def _generate_ours(
             for index, ids in zip(batch["index"].tolist(), captured.pop().tolist()):
                 result[index] = ids
     finally:
-        del module.llm.generate
+        del module.generate_tokens
     return result
 
 

@@ -47,6 +47,7 @@ from xrec_pl.data.io import DataError, load_embeddings
 from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.data.sampler import epoch_seed
 from xrec_pl.models.adapters import build_adapter
+from xrec_pl.models.decoding import greedy_generate
 from xrec_pl.models.injection import EmbeddingInjector
 from xrec_pl.models.llm import LLMLoadError, get_llm_info, load_frozen_llm
 from xrec_pl.utils import write_jsonl
@@ -92,6 +93,8 @@ class ExplainerModule(pl.LightningModule):
         optimizer: ``"adamw"`` or ``"adam"`` (XRec: Adam).
         warmup_steps: linear learning-rate warmup over this many optimizer steps (0: constant).
         max_new_tokens: generation budget per explanation.
+        decoder: ``"compact"`` (greedy with a KV cache, finished rows leave the batch; default) or ``"hf"``
+            (``llm.generate``); the tokens are the same.
         gradient_checkpointing: recompute decoder layers in backward (non-reentrant) to save activation memory.
         predictions_file: file name of the predictions JSONL written into ``trainer.default_root_dir``.
         seed: seed of the random/fixed embeddings and of the LLM's new token rows.
@@ -115,6 +118,7 @@ class ExplainerModule(pl.LightningModule):
         optimizer: str = "adamw",
         warmup_steps: int = 0,
         max_new_tokens: int = 128,
+        decoder: str = "compact",
         gradient_checkpointing: bool = False,
         predictions_file: str = "predictions.jsonl",
         seed: int = 0,
@@ -127,6 +131,8 @@ class ExplainerModule(pl.LightningModule):
             raise ValueError(f"injection must be 'layers', 'input' or 'none', got {injection!r}")
         if embedding_source not in EMBEDDING_SOURCES:
             raise ValueError(f"embedding_source must be one of {EMBEDDING_SOURCES}, got {embedding_source!r}")
+        if decoder not in ("compact", "hf"):
+            raise ValueError(f"decoder must be 'compact' or 'hf', got {decoder!r}")
         if optimizer not in ("adamw", "adam"):
             raise ValueError(f"optimizer must be 'adamw' or 'adam', got {optimizer!r}")
         if embedding_source == "graph" and not embeddings_path:
@@ -395,9 +401,29 @@ class ExplainerModule(pl.LightningModule):
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def generate_tokens(self, input_ids: Tensor, attention_mask: Tensor, config: Any) -> Tensor:
-        """The new tokens ``(B, N)`` that ``llm.generate`` appends to a left-padded prompt batch (subclass hook)."""
+        """The greedy new tokens ``(B, N)`` for a left-padded prompt batch (subclass hook).
+
+        ``decoder="compact"`` (default) drops finished rows from the batch (:func:`greedy_generate`);
+        ``decoder="hf"`` calls ``llm.generate``. Both give the same tokens (tested).
+        """
+        if self.hparams.get("decoder", "compact") == "compact":
+            return self.greedy(self.llm, config, attention_mask, input_ids=input_ids)
         out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         return out[:, input_ids.shape[1] :]
+
+    @staticmethod
+    def greedy(llm: nn.Module, config: Any, attention_mask: Tensor, **prompt: Tensor) -> Tensor:
+        """:func:`greedy_generate` with the stop, pad and suppressed tokens of a greedy ``GenerationConfig``."""
+        stops = config.eos_token_id
+        return greedy_generate(
+            llm,
+            attention_mask,
+            max_new_tokens=config.max_new_tokens,
+            stop_ids=list(stops) if isinstance(stops, (list, tuple)) else [stops],
+            pad_id=config.pad_token_id,
+            suppress_ids=config.suppress_tokens or (),
+            **prompt,
+        )
 
     def on_predict_epoch_start(self) -> None:
         self._predictions = []

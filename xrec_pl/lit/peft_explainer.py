@@ -64,6 +64,7 @@ class PeftExplainerModule(ExplainerModule):
         optimizer: ``"adamw"`` or ``"adam"``.
         warmup_steps: linear learning-rate warmup over this many optimizer steps (0: constant).
         max_new_tokens: generation budget per explanation.
+        decoder: ``"compact"`` or ``"hf"`` (see :class:`~xrec_pl.lit.explainer.ExplainerModule`).
         gradient_checkpointing: recompute decoder layers in backward (non-reentrant).
         predictions_file: file name of the predictions JSONL written into ``trainer.default_root_dir``.
         seed: seed of the LLM's new token rows (as the explainer's); the peft weights use the global RNG.
@@ -86,6 +87,7 @@ class PeftExplainerModule(ExplainerModule):
         optimizer: str = "adamw",
         warmup_steps: int = 0,
         max_new_tokens: int = 128,
+        decoder: str = "compact",
         gradient_checkpointing: bool = False,
         predictions_file: str = "predictions.jsonl",
         seed: int = 0,
@@ -103,6 +105,7 @@ class PeftExplainerModule(ExplainerModule):
             optimizer=optimizer,
             warmup_steps=warmup_steps,
             max_new_tokens=max_new_tokens,
+            decoder=decoder,
             gradient_checkpointing=gradient_checkpointing,
             predictions_file=predictions_file,
             seed=seed,
@@ -198,8 +201,11 @@ class PeftExplainerModule(ExplainerModule):
         if self.hparams.method != "prompt_tuning":
             return super().generate_tokens(input_ids, attention_mask, config)
         embeds, mask = self.with_virtual_tokens(input_ids, attention_mask)
+        base = self.llm.get_base_model()
+        if self.hparams.get("decoder", "compact") == "compact":
+            return self.greedy(base, config, mask, inputs_embeds=embeds)
         # generating from inputs_embeds alone returns only the new tokens (B, N)
-        return self.llm.get_base_model().generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        return base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
 
     @torch.no_grad()
     def greedy_uncached(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> Tensor:
