@@ -320,7 +320,8 @@ def spec_metrics_per_sample(spec: Suite) -> list[str]:
         "llm_judge": ["llm_judge"],
         "community": ["community"],
     }
-    return [m for metric in spec.metrics for m in names.get(metric, [])]
+    extra = ["community_choice"] if spec.data_dir is None else []  # synthetic suites: the forced-choice test
+    return [m for metric in spec.metrics for m in names.get(metric, [])] + extra
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -382,7 +383,8 @@ def _plot(summary: dict[str, dict[str, tuple[float, float, int]]], path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("bertscore_f1", "usr", "bleurt", "llm_judge") if any(m in s for s in summary.values())]
+    main = ("bertscore_f1", "usr", "bleurt", "llm_judge", "community", "community_choice")
+    metrics = [m for m in main if any(m in s for s in summary.values())]
     if not metrics:
         return None
     arms = list(summary)
@@ -394,7 +396,7 @@ def _plot(summary: dict[str, dict[str, tuple[float, float, int]]], path: Path) -
         ax.invert_yaxis()
         ax.set_title(metric)
         finite = [m for m in means if np.isfinite(m)]
-        if finite and metric != "usr":
+        if finite and metric not in ("usr", "community", "community_choice"):
             lo, hi = min(finite), max(finite)
             pad = max(0.02, (hi - lo) * 0.5)
             ax.set_xlim(lo - pad, hi + pad)

@@ -15,6 +15,7 @@ an interrupted training run continues from its ``last.ckpt``.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -165,7 +166,9 @@ def pipeline(
 
     t0 = time.perf_counter()
     scores = evaluate_files(str(predictions), None, metrics=tuple(metrics or ("usr", "bertscore")), per_sample=True)
-    _write_per_sample(out / "per_sample.json", predictions, scores.pop("per_sample", {}))
+    per_sample = scores.pop("per_sample", {})
+    _add_community_choice(stage2_dir, predictions, scores, per_sample)
+    _write_per_sample(out / "per_sample.json", predictions, per_sample)
     timings["evaluate_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
@@ -182,6 +185,25 @@ def pipeline(
     dump_json(out / "timings.json", {**previous, **timings})
     _report(result, predictions, show)
     return result
+
+
+def _add_community_choice(
+    stage2_dir: Path, predictions: Path, scores: dict[str, Any], per_sample: dict[str, list[float]]
+) -> None:
+    """Merge ``community_choice.jsonl`` (synthetic data, ``callbacks.community_choice``) into the scores."""
+    from callbacks.community_choice import FILENAME
+
+    path = stage2_dir / FILENAME
+    if not path.exists():
+        return
+    choices = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    hits = {(r["uid"], r["iid"]): float(r["correct"]) for r in choices}
+    if not hits:
+        return
+    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+    per_sample["community_choice"] = [hits.get((r["uid"], r["iid"]), math.nan) for r in rows]
+    scores["community_choice"] = sum(hits.values()) / len(hits)
+    scores["community_choice_n"] = len(hits)
 
 
 def _write_per_sample(path: Path, predictions: Path, per_sample: dict[str, list[float]]) -> None:

@@ -1,0 +1,140 @@
+"""Does the explainer know the user's hidden community? A forced-choice likelihood test on synthetic data.
+
+On the synthetic dataset the last sentence of every explanation names the user's community, which only the
+interaction graph reveals (``xrec_pl.data.synthetic``). Whether greedy generation *writes* that sentence depends on
+how far training has got with the rest of the template; this test asks the model directly. For each record of a
+split, the reference explanation is scored (teacher-forced, with the record's injection) once with each community
+name in place of the true one; the record counts as correct when the true name gets the lowest negative
+log-likelihood. Chance is ``1 / #communities``; a model whose collaborative input carries no community information
+(fixed or random embeddings) cannot beat the most frequent community.
+
+``CommunityChoice`` runs the test at the end of ``predict`` (the weights being predicted with) when the data folder
+has a ``meta.json`` with ``communities`` (written by ``xrec-pl make-synthetic``) and writes
+``<run>/community_choice.jsonl``: ``uid, iid, truth, chosen, correct`` per record. Elsewhere it does nothing.
+``xrec-pl pipeline`` adds the accuracy (``community_choice``) and the per-record hits to its metrics, so suites report
+it with a paired significance test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from xrec_pl.data.prompts import IGNORE_INDEX
+from xrec_pl.utils import write_jsonl
+
+FILENAME = "community_choice.jsonl"
+
+
+def read_communities(data_dir: str | Path) -> list[str] | None:
+    """The community names of a synthetic data folder (``meta.json``), or ``None`` for any other dataset."""
+    meta = Path(data_dir) / "meta.json"
+    if not meta.is_file():
+        return None
+    try:
+        names = json.loads(meta.read_text()).get("communities")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return [str(n) for n in names] if isinstance(names, list) and len(names) > 1 else None
+
+
+def _find(text: str, phrases: list[str]) -> int | None:
+    lowered = text.lower()
+    hits = [i for i, p in enumerate(phrases) if p.lower() in lowered]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _swap(text: str, old: str, new: str) -> str:
+    start = text.lower().index(old.lower())
+    return text[:start] + new + text[start + len(old) :]
+
+
+@torch.no_grad()
+def sequence_nll(module: Any, batch: dict[str, Any]) -> Tensor:
+    """Summed negative log-likelihood of each row's labelled tokens ``(B,)``, with the row's injection."""
+    batch = {k: (v.to(module.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    with module._injecting(batch):
+        hidden = module.lm_hidden_states(batch)  # (B, T, H)
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX
+    logits = module.llm.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (N, V)
+    nll = F.cross_entropy(logits, targets[mask], reduction="none")  # (N,)
+    rows = torch.arange(targets.shape[0], device=nll.device)[:, None].expand_as(mask)[mask]  # (N,)
+    return torch.zeros(targets.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
+
+
+def community_choice(
+    module: Any, datamodule: Any, phrases: list[str], split: str = "tst", batch_size: int = 16
+) -> list[dict[str, Any]]:
+    """Forced-choice test over the (subset of the) ``split`` records; one result row per record naming a community.
+
+    Args:
+        module: an ``ExplainerModule`` (eval mode is set for the test and restored).
+        datamodule: the ``ExplanationDataModule`` (set up; its builder encodes the variants).
+        phrases: the community names.
+        split: ``"tst"``, ``"val"`` or ``"trn"``.
+        batch_size: sequences per forward pass (each record gives ``len(phrases)``).
+    """
+    from data_modules.explanations import PadCollator
+
+    builder = datamodule._require_builder()
+    collate = PadCollator(datamodule._pad_id(), side="right")
+    items, meta = [], []
+    for row in datamodule._subset_rows(split).tolist():
+        record = datamodule._record(split, row)
+        truth = _find(str(record["explanation"]), phrases)
+        if truth is None:
+            continue
+        meta.append((int(record["uid"]), int(record["iid"]), truth))
+        for phrase in phrases:
+            variant = {**record, "explanation": _swap(str(record["explanation"]), phrases[truth], phrase)}
+            enc = builder.encode_train(variant)
+            enc.update(user_id=int(record["uid"]), item_id=int(record["iid"]), index=int(row))
+            items.append(enc)
+    was_training = module.training
+    module.eval()
+    try:
+        scores = [sequence_nll(module, collate(items[i : i + batch_size])) for i in range(0, len(items), batch_size)]
+    finally:
+        module.train(was_training)
+    if not meta:
+        return []
+    nll = torch.cat(scores).view(len(meta), len(phrases)).cpu()  # (R, K)
+    chosen = nll.argmin(1).tolist()
+    return [
+        {"uid": uid, "iid": iid, "truth": phrases[t], "chosen": phrases[c], "correct": float(c == t)}
+        for (uid, iid, t), c in zip(meta, chosen)
+    ]
+
+
+class CommunityChoice(pl.Callback):
+    """Run :func:`community_choice` after ``predict`` on synthetic data; write ``<run>/community_choice.jsonl``.
+
+    Args:
+        split: the split to test (default: the test split, which ``predict`` generates for).
+        batch_size: sequences per forward pass.
+    """
+
+    def __init__(self, split: str = "tst", batch_size: int = 16) -> None:
+        self.split = split
+        self.batch_size = batch_size
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        phrases = read_communities(getattr(dm, "data_dir", "")) if dm is not None else None
+        if phrases is None or not trainer.is_global_zero or not hasattr(pl_module, "lm_hidden_states"):
+            return
+        with trainer.precision_plugin.forward_context():
+            rows = community_choice(pl_module, dm, phrases, self.split, self.batch_size)
+        path = Path(trainer.default_root_dir) / FILENAME
+        write_jsonl(path, rows)
+        if rows:
+            accuracy = sum(r["correct"] for r in rows) / len(rows)
+            rank_zero_info(f"community choice: {accuracy:.3f} of {len(rows)} records (chance {1 / len(phrases):.3f})")

@@ -1,0 +1,70 @@
+"""The forced-choice community test on synthetic data: scoring, the callback's file and the pipeline merge."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from callbacks.community_choice import CommunityChoice, _swap, community_choice, read_communities, sequence_nll
+from data_modules.explanations import ExplanationDataModule
+from tests.helpers import quiet_trainer
+from tests.unit.test_explainer import emb_path as emb_path  # the fixture
+from tests.unit.test_explainer import make
+from xrec_pl.pipeline import _add_community_choice
+
+
+def test_sequence_nll_sums_to_the_training_loss(synthetic_dir, emb_path):
+    module = make(emb_path).eval()
+    dm = ExplanationDataModule(str(synthetic_dir), batch_size=4, tokenizer=module.tokenizer)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    per_row = sequence_nll(module, batch)
+    with torch.no_grad(), module._injecting(batch):
+        total = module.lm_loss(batch, reduction="sum")
+    assert per_row.shape == (4,)
+    torch.testing.assert_close(per_row.sum(), total, rtol=1e-5, atol=1e-4)
+
+
+def test_choice_rows_and_callback_file(synthetic_dir, emb_path, tmp_path):
+    phrases = read_communities(synthetic_dir)
+    assert phrases and len(phrases) >= 2
+    module = make(emb_path, max_new_tokens=3)
+    dm = ExplanationDataModule(str(synthetic_dir), batch_size=4, eval_batch_size=4, tokenizer=module.tokenizer)
+    dm.setup("predict")
+    rows = community_choice(module, dm, phrases, "tst", batch_size=5)
+    n_tst = dm.num_records("tst")
+    assert 0 < len(rows) <= n_tst
+    assert all(r["truth"] in phrases and r["chosen"] in phrases and r["correct"] in (0.0, 1.0) for r in rows)
+    assert all(r["correct"] == float(r["truth"] == r["chosen"]) for r in rows)
+    assert module.training  # the mode is restored
+
+    trainer = quiet_trainer(tmp_path, callbacks=[CommunityChoice(batch_size=8)])
+    trainer.predict(module, datamodule=dm, return_predictions=False)
+    written = [json.loads(line) for line in (tmp_path / "community_choice.jsonl").read_text().splitlines()]
+    assert [(r["uid"], r["iid"]) for r in written] == [(r["uid"], r["iid"]) for r in rows]
+
+
+def test_swap_keeps_the_rest_and_non_synthetic_folders_are_skipped(tmp_path):
+    assert _swap("Fans of The Harbour Book Exchange agree.", "the harbour book exchange", "the x club") == (
+        "Fans of the x club agree."
+    )
+    assert read_communities(tmp_path) is None
+    (tmp_path / "meta.json").write_text("{not json")
+    assert read_communities(tmp_path) is None
+
+
+def test_pipeline_merges_choice_into_scores(tmp_path):
+    preds = tmp_path / "predictions.jsonl"
+    preds.write_text("".join(json.dumps({"uid": u, "iid": i}) + "\n" for u, i in [(1, 2), (3, 4), (5, 6)]))
+    (tmp_path / "community_choice.jsonl").write_text(
+        json.dumps({"uid": 3, "iid": 4, "correct": 1.0})
+        + "\n"
+        + json.dumps({"uid": 1, "iid": 2, "correct": 0.0})
+        + "\n"
+    )
+    scores, per_sample = {}, {}
+    _add_community_choice(tmp_path, preds, scores, per_sample)
+    assert scores == {"community_choice": 0.5, "community_choice_n": 2}
+    assert per_sample["community_choice"][:2] == [0.0, 1.0] and math.isnan(per_sample["community_choice"][2])
