@@ -33,7 +33,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "random_emb": {"stage2": ["ablations/random_emb.yaml"], "doc": "random embedding fixed per id"},
     "redrawn_emb": {"stage2": ["ablations/redrawn_emb.yaml"], "doc": "random embedding re-drawn every step"},
     "input_only": {"stage2": ["ablations/input_only.yaml"], "doc": "injection at the input tokens only"},
-    "no_injection": {"stage2": ["ablations/no_injection.yaml"], "doc": "no injection at all (plain prompt)"},
+    "no_injection": {
+        "stage2": ["ablations/no_injection.yaml"],
+        "train": False,  # nothing reaches the LLM from the adapters, so there is nothing to train
+        "doc": "no injection at all: adapters disconnected, nothing to train (the plain prompt)",
+    },
     "no_profiles": {"stage2": ["ablations/no_profiles.yaml"], "doc": "title only, no user/item profiles"},
     "no_profiles_no_injection": {
         "stage2": ["ablations/no_profiles.yaml", "ablations/no_injection.yaml"],
@@ -118,17 +122,29 @@ def _config_args(deltas: list[str]) -> list[str]:
     return args
 
 
+_SETTINGS = ("data_dir", "synthetic_size", "stage1_config", "stage2_config", "stage1_args", "stage2_args")
+
+
 def _check_results_folder(suite: Suite, out: Path) -> None:
+    """Refuse a results folder written by another suite, or by this suite with other run settings."""
     from xrec_pl.cli import ConfigError
 
     marker = out / "suite.json"
+    settings = {key: getattr(suite, key) for key in _SETTINGS}
     if marker.exists():
         previous = json.loads(marker.read_text())
         if previous.get("name") != suite.name:
             raise ConfigError(
                 f"{out}: holds results of suite {previous.get('name')!r}, not {suite.name!r}; choose another out_dir"
             )
-    dump_json(marker, {"name": suite.name, "arms": suite.arms})
+        old = previous.get("settings", settings)
+        changed = [key for key in _SETTINGS if key in old and old[key] != settings[key]]
+        if changed:
+            raise ConfigError(
+                f"{out}: its finished runs were made with other settings ({', '.join(changed)} changed: "
+                f"{old[changed[0]]!r} -> {settings[changed[0]]!r}); restore them or choose another out_dir"
+            )
+    dump_json(marker, {"name": suite.name, "arms": suite.arms, "settings": settings})
 
 
 def experiment(

@@ -59,3 +59,22 @@ def test_shipped_suites_load():
     for name in ("smoke", "amazon-cpu", "amazon-7b"):
         suite = load_suite(f"configs/experiments/{name}.yaml")
         assert suite.reference_arm in suite.arms
+
+
+def test_folder_of_same_suite_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    _fake_run(out / "xrec" / "seed0", [0.5, 0.6], 1.0)
+    kwargs = {"name": "t", "arms": ["xrec"], "out_dir": str(out), "report_only": True}
+    experiment(**kwargs, stage2_args=["--data.train_subset=64"])  # writes suite.json with its settings
+    with pytest.raises(ConfigError, match=r"stage2_args changed"):
+        experiment(**kwargs, stage2_args=["--data.train_subset=128"])
+    assert (out / "xrec" / "seed0" / "metrics.json").exists()  # nothing finished is touched
+    experiment(**kwargs, stage2_args=["--data.train_subset=64"])  # same settings: fine
+
+
+def test_arms_without_trainable_parts_skip_fit():
+    from xrec_pl.experiment import ARMS
+
+    assert ARMS["plain_llm"]["train"] is False and ARMS["no_injection"]["train"] is False
+    assert ARMS["xrec"].get("train", True)
