@@ -27,6 +27,9 @@ def test_experiment_runs_arms_writes_report_and_resumes(tmp_path):
     assert sorted(r["arm"] for r in rows) == ["fixed_emb", "plain_llm", "xrec"]
     report = (out / "report.md").read_text()
     assert "Paired significance against `xrec`" in report and "| fixed_emb | bertscore_f1 | 10 |" in report
+    # synthetic data: the community metrics (generated text and forced choice) are in the results and the tests
+    assert "| fixed_emb | community_choice | 10 |" in report and "community" in rows[0]
+    assert 0.0 <= float(rows[0]["community_choice"]) <= 1.0
     assert (out / "report.png").exists()
     # stage 1 ran once per seed and was shared by the arms
     assert len(list((out / "_stage1").iterdir())) == 1
