@@ -4,13 +4,15 @@ On the synthetic dataset the last sentence of every explanation names the user's
 interaction graph reveals (``xrec_pl.data.synthetic``). Whether greedy generation *writes* that sentence depends on
 how far training has got with the rest of the template; this test asks the model directly. For each record of a
 split, the reference explanation is scored (teacher-forced, with the record's injection) once with each community
-name in place of the true one; the record counts as correct when the true name gets the lowest negative
-log-likelihood. Chance is ``1 / #communities``; a model whose collaborative input carries no community information
-(fixed or random embeddings) cannot beat the most frequent community.
+name in place of the true one. A language model prefers some names whatever the record (their prior), so each
+name's negative log-likelihood is first centred on its mean over the tested records; the record counts as correct
+when the true name then has the lowest value (``correct``; without centring: ``correct_raw``). The centring uses no
+labels. Chance is ``1 / #communities``; a model whose collaborative input carries no community information (fixed
+or random embeddings) stays near it, since the community is independent of everything in the text.
 
 ``CommunityChoice`` runs the test at the end of ``predict`` (the weights being predicted with) when the data folder
 has a ``meta.json`` with ``communities`` (written by ``xrec-pl make-synthetic``) and writes
-``<run>/community_choice.jsonl``: ``uid, iid, truth, chosen, correct`` per record. Elsewhere it does nothing.
+``<run>/community_choice.jsonl``: ``uid, iid, truth, chosen, correct, correct_raw, nll`` per record. Elsewhere it does nothing.
 ``xrec-pl pipeline`` adds the accuracy (``community_choice``) and the per-record hits to its metrics, so suites report
 it with a paired significance test.
 """
@@ -106,11 +108,21 @@ def community_choice(
         module.train(was_training)
     if not meta:
         return []
-    nll = torch.cat(scores).view(len(meta), len(phrases)).cpu()  # (R, K)
-    chosen = nll.argmin(1).tolist()
+    nll = torch.cat(scores).view(len(meta), len(phrases)).double().cpu()  # (R, K)
+    raw = nll.argmin(1).tolist()
+    # calibrated: remove each name's own prior (its mean NLL over the records) so only record-specific evidence counts
+    chosen = (nll - nll.mean(0, keepdim=True)).argmin(1).tolist() if len(meta) > 1 else raw
     return [
-        {"uid": uid, "iid": iid, "truth": phrases[t], "chosen": phrases[c], "correct": float(c == t)}
-        for (uid, iid, t), c in zip(meta, chosen)
+        {
+            "uid": uid,
+            "iid": iid,
+            "truth": phrases[t],
+            "chosen": phrases[c],
+            "correct": float(c == t),
+            "correct_raw": float(r == t),
+            "nll": row,
+        }
+        for (uid, iid, t), c, r, row in zip(meta, chosen, raw, nll.tolist())
     ]
 
 

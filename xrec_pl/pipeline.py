@@ -203,6 +203,7 @@ def _add_community_choice(
     rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
     per_sample["community_choice"] = [hits.get((r["uid"], r["iid"]), math.nan) for r in rows]
     scores["community_choice"] = sum(hits.values()) / len(hits)
+    scores["community_choice_raw"] = sum(float(r.get("correct_raw", r["correct"])) for r in choices) / len(choices)
     scores["community_choice_n"] = len(hits)
 
 

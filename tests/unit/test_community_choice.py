@@ -38,6 +38,12 @@ def test_choice_rows_and_callback_file(synthetic_dir, emb_path, tmp_path):
     assert 0 < len(rows) <= n_tst
     assert all(r["truth"] in phrases and r["chosen"] in phrases and r["correct"] in (0.0, 1.0) for r in rows)
     assert all(r["correct"] == float(r["truth"] == r["chosen"]) for r in rows)
+    # the calibrated choice is the argmin of the NLL centred per name over the records
+    nll = torch.tensor([r["nll"] for r in rows], dtype=torch.float64)
+    centred = (nll - nll.mean(0)).argmin(1).tolist()
+    assert [phrases[i] for i in centred] == [r["chosen"] for r in rows]
+    raw = [float(phrases[i] == r["truth"]) for i, r in zip(nll.argmin(1).tolist(), rows)]
+    assert raw == [r["correct_raw"] for r in rows]
     assert module.training  # the mode is restored
 
     trainer = quiet_trainer(tmp_path, callbacks=[CommunityChoice(batch_size=8)])
@@ -66,5 +72,5 @@ def test_pipeline_merges_choice_into_scores(tmp_path):
     )
     scores, per_sample = {}, {}
     _add_community_choice(tmp_path, preds, scores, per_sample)
-    assert scores == {"community_choice": 0.5, "community_choice_n": 2}
+    assert scores == {"community_choice": 0.5, "community_choice_raw": 0.5, "community_choice_n": 2}
     assert per_sample["community_choice"][:2] == [0.0, 1.0] and math.isnan(per_sample["community_choice"][2])
