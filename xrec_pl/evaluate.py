@@ -249,7 +249,10 @@ def _load_pair(predictions_path: str | os.PathLike, references_path: str | os.Pa
 def restrict_to_records(
     preds: list[str], refs: list[str], records_path: str | os.PathLike
 ) -> tuple[list[str], list[str], int]:
-    """Keep the pairs whose reference is the explanation of a record in ``records_path`` (an XRec split file).
+    """Keep the pairs whose reference is the explanation of a record in ``records_path``.
+
+    ``records_path`` is an XRec split file (``tst.pkl``, ``.parquet``) or a predictions JSONL, whose ``reference``
+    fields then name the records (for example the test subset an experiment suite scored).
 
     The reference's released predictions are not in the order of any split (its test loader shuffled); their
     references are unique, so the reference text identifies the record. Every record must be found exactly once.
@@ -259,11 +262,16 @@ def restrict_to_records(
     from xrec_pl.data.io import check_records, safe_load_pickle
 
     path = Path(records_path)
-    frame = safe_load_pickle(path) if path.suffix in (".pkl", ".pickle") else pd.read_parquet(path)
-    if not isinstance(frame, pd.DataFrame):
-        raise DataError(f"{path}: expected a DataFrame of XRec records, got {type(frame).__name__}")
-    check_records(frame, path)
-    wanted = set(frame["explanation"].astype(str))
+    if not path.is_file():
+        raise DataError(f"{path}: records file not found")
+    if path.suffix == ".jsonl":  # a predictions file: its references are the records (e.g. a suite's test subset)
+        wanted = set(load_texts(path, "reference"))
+    else:
+        frame = safe_load_pickle(path) if path.suffix in (".pkl", ".pickle") else pd.read_parquet(path)
+        if not isinstance(frame, pd.DataFrame):
+            raise DataError(f"{path}: expected a DataFrame of XRec records, got {type(frame).__name__}")
+        check_records(frame, path)
+        wanted = set(frame["explanation"].astype(str))
     keep = [i for i, ref in enumerate(refs) if ref in wanted]
     found = {refs[i] for i in keep}
     if len(found) != len(wanted) or len(keep) != len(wanted):

@@ -37,3 +37,14 @@ def test_missing_or_duplicated_record_is_an_error(tmp_path):
     path = _records(tmp_path / "tst2.pkl", ["ref b"])
     with pytest.raises(DataError, match="exactly one"):
         restrict_to_records(["pa", "pb"], ["ref b", "ref b"], path)
+
+
+def test_records_from_a_predictions_file_and_missing_file(tmp_path):
+    import json
+
+    subset = tmp_path / "predictions.jsonl"
+    subset.write_text("".join(json.dumps({"prediction": "x", "reference": r}) + "\n" for r in ["ref c", "ref a"]))
+    preds, refs, dropped = restrict_to_records(["pa", "pb", "pc"], ["ref a", "ref b", "ref c"], subset)
+    assert preds == ["pa", "pc"] and refs == ["ref a", "ref c"] and dropped == 1
+    with pytest.raises(DataError, match="nope.pkl: records file not found"):
+        restrict_to_records(["pa"], ["ref a"], tmp_path / "nope.pkl")
