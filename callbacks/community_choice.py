@@ -73,7 +73,7 @@ def sequence_nll(module: Any, batch: dict[str, Any]) -> Tensor:
 
 
 def community_choice(
-    module: Any, datamodule: Any, phrases: list[str], split: str = "tst", batch_size: int = 16
+    module: Any, datamodule: Any, phrases: list[str], split: str = "tst", batch_size: int = 16, subset: bool = False
 ) -> list[dict[str, Any]]:
     """Forced-choice test over the (subset of the) ``split`` records; one result row per record naming a community.
 
@@ -83,13 +83,16 @@ def community_choice(
         phrases: the community names.
         split: ``"tst"``, ``"val"`` or ``"trn"``.
         batch_size: sequences per forward pass (each record gives ``len(phrases)``).
+        subset: test only the DataModule's ``eval_subset`` of the split (default: every record; the test is cheap,
+            forward passes only, so it can use more records than generation does).
     """
     from data_modules.explanations import PadCollator
 
     builder = datamodule._require_builder()
     collate = PadCollator(datamodule._pad_id(), side="right")
     items, meta = [], []
-    for row in datamodule._subset_rows(split).tolist():
+    rows = datamodule._subset_rows(split) if subset else range(datamodule.num_records(split))
+    for row in [int(r) for r in rows]:
         record = datamodule._record(split, row)
         truth = _find(str(record["explanation"]), phrases)
         if truth is None:
@@ -132,11 +135,13 @@ class CommunityChoice(pl.Callback):
     Args:
         split: the split to test (default: the test split, which ``predict`` generates for).
         batch_size: sequences per forward pass.
+        subset: only the DataModule's ``eval_subset`` of the split (default: all its records).
     """
 
-    def __init__(self, split: str = "tst", batch_size: int = 16) -> None:
+    def __init__(self, split: str = "tst", batch_size: int = 16, subset: bool = False) -> None:
         self.split = split
         self.batch_size = batch_size
+        self.subset = subset
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
@@ -144,7 +149,7 @@ class CommunityChoice(pl.Callback):
         if phrases is None or not trainer.is_global_zero or not hasattr(pl_module, "lm_hidden_states"):
             return
         with trainer.precision_plugin.forward_context():
-            rows = community_choice(pl_module, dm, phrases, self.split, self.batch_size)
+            rows = community_choice(pl_module, dm, phrases, self.split, self.batch_size, self.subset)
         path = Path(trainer.default_root_dir) / FILENAME
         write_jsonl(path, rows)
         if rows:

@@ -141,7 +141,7 @@ def make_synthetic(out: str = "data/synthetic", seed: int = 0, size: str = "defa
     Args:
         out: Output folder.
         seed: Random seed; the same seed gives byte-identical files.
-        size: ``tiny`` (tests) or ``default`` (first runs).
+        size: ``tiny`` (tests), ``default`` (first runs) or ``smoke`` (default with 240 test records).
         overwrite: Replace an existing dataset folder.
     """
     from xrec_pl.data.synthetic import make_synthetic as _make

@@ -175,7 +175,7 @@ def experiment(
         stage1_config: Stage-1 LightningCLI config.
         stage2_config: Stage-2 LightningCLI config.
         data_dir: XRec data folder; ``None`` generates the synthetic dataset (one per seed).
-        synthetic_size: ``tiny`` or ``default`` when ``data_dir`` is ``None``.
+        synthetic_size: ``tiny``, ``default`` or ``smoke`` when ``data_dir`` is ``None``.
         stage1_args: Overrides for every stage-1 run.
         stage2_args: Overrides for every stage-2 run (subset sizes, generation length).
         metrics: Explanation metrics (default: usr, bertscore).

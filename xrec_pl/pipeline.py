@@ -15,7 +15,6 @@ an interrupted training run continues from its ``last.ckpt``.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -167,8 +166,8 @@ def pipeline(
     t0 = time.perf_counter()
     scores = evaluate_files(str(predictions), None, metrics=tuple(metrics or ("usr", "bertscore")), per_sample=True)
     per_sample = scores.pop("per_sample", {})
-    _add_community_choice(stage2_dir, predictions, scores, per_sample)
-    _write_per_sample(out / "per_sample.json", predictions, per_sample)
+    extra = _add_community_choice(stage2_dir, scores)
+    _write_per_sample(out / "per_sample.json", predictions, per_sample, extra)
     timings["evaluate_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
@@ -187,36 +186,40 @@ def pipeline(
     return result
 
 
-def _add_community_choice(
-    stage2_dir: Path, predictions: Path, scores: dict[str, Any], per_sample: dict[str, list[float]]
-) -> None:
-    """Merge ``community_choice.jsonl`` (synthetic data, ``callbacks.community_choice``) into the scores."""
+def _add_community_choice(stage2_dir: Path, scores: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Add ``community_choice.jsonl`` (synthetic data, ``callbacks.community_choice``) to the scores.
+
+    Returns its per-record hits for ``per_sample.json`` (``{}`` when there is no such file). They cover every tested
+    record, which may be more than the generated ones.
+    """
     from callbacks.community_choice import FILENAME
 
     path = stage2_dir / FILENAME
-    if not path.exists():
-        return
-    choices = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    hits = {(r["uid"], r["iid"]): float(r["correct"]) for r in choices}
-    if not hits:
-        return
-    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
-    per_sample["community_choice"] = [hits.get((r["uid"], r["iid"]), math.nan) for r in rows]
-    scores["community_choice"] = sum(hits.values()) / len(hits)
+    choices = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not choices:
+        return {}
+    scores["community_choice"] = sum(float(r["correct"]) for r in choices) / len(choices)
     scores["community_choice_raw"] = sum(float(r.get("correct_raw", r["correct"])) for r in choices) / len(choices)
-    scores["community_choice_n"] = len(hits)
+    scores["community_choice_n"] = len(choices)
+    return {"community_choice": [{"uid": r["uid"], "iid": r["iid"], "score": float(r["correct"])} for r in choices]}
 
 
-def _write_per_sample(path: Path, predictions: Path, per_sample: dict[str, list[float]]) -> None:
-    """Per-record scores keyed by (uid, iid), so runs can be compared pair by pair (paired significance)."""
+def _write_per_sample(
+    path: Path,
+    predictions: Path,
+    per_sample: dict[str, list[float]],
+    extra: dict[str, list[dict[str, Any]]] | None = None,
+) -> None:
+    """Per-record scores keyed by (uid, iid), so runs can be compared pair by pair (paired significance).
+
+    ``per_sample`` lists are aligned with the predictions file; ``extra`` entries are already ``{uid, iid, score}``.
+    """
     rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
-    dump_json(
-        path,
-        {
-            key: [{"uid": r["uid"], "iid": r["iid"], "score": s} for r, s in zip(rows, scores)]
-            for key, scores in per_sample.items()
-        },
-    )
+    keyed = {
+        key: [{"uid": r["uid"], "iid": r["iid"], "score": s} for r, s in zip(rows, scores)]
+        for key, scores in per_sample.items()
+    }
+    dump_json(path, {**keyed, **(extra or {})})
 
 
 def _report(result: dict[str, Any], predictions: Path, show: int) -> None:

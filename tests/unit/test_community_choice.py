@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import torch
 
@@ -36,6 +35,10 @@ def test_choice_rows_and_callback_file(synthetic_dir, emb_path, tmp_path):
     rows = community_choice(module, dm, phrases, "tst", batch_size=5)
     n_tst = dm.num_records("tst")
     assert 0 < len(rows) <= n_tst
+    small = ExplanationDataModule(str(synthetic_dir), eval_subset=3, tokenizer=module.tokenizer)
+    small.setup("predict")
+    assert len(community_choice(module, small, phrases, "tst", subset=True)) <= 3
+    assert len(community_choice(module, small, phrases, "tst")) == len(rows)  # default: every record
     assert all(r["truth"] in phrases and r["chosen"] in phrases and r["correct"] in (0.0, 1.0) for r in rows)
     assert all(r["correct"] == float(r["truth"] == r["chosen"]) for r in rows)
     # the calibrated choice is the argmin of the NLL centred per name over the records
@@ -62,15 +65,10 @@ def test_swap_keeps_the_rest_and_non_synthetic_folders_are_skipped(tmp_path):
 
 
 def test_pipeline_merges_choice_into_scores(tmp_path):
-    preds = tmp_path / "predictions.jsonl"
-    preds.write_text("".join(json.dumps({"uid": u, "iid": i}) + "\n" for u, i in [(1, 2), (3, 4), (5, 6)]))
-    (tmp_path / "community_choice.jsonl").write_text(
-        json.dumps({"uid": 3, "iid": 4, "correct": 1.0})
-        + "\n"
-        + json.dumps({"uid": 1, "iid": 2, "correct": 0.0})
-        + "\n"
-    )
-    scores, per_sample = {}, {}
-    _add_community_choice(tmp_path, preds, scores, per_sample)
-    assert scores == {"community_choice": 0.5, "community_choice_raw": 0.5, "community_choice_n": 2}
-    assert per_sample["community_choice"][:2] == [0.0, 1.0] and math.isnan(per_sample["community_choice"][2])
+    rows = [{"uid": 3, "iid": 4, "correct": 1.0, "correct_raw": 0.0}, {"uid": 1, "iid": 2, "correct": 0.0}]
+    (tmp_path / "community_choice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = {}
+    extra = _add_community_choice(tmp_path, scores)
+    assert scores == {"community_choice": 0.5, "community_choice_raw": 0.0, "community_choice_n": 2}
+    assert extra == {"community_choice": [{"uid": 3, "iid": 4, "score": 1.0}, {"uid": 1, "iid": 2, "score": 0.0}]}
+    assert _add_community_choice(tmp_path / "elsewhere", {}) == {}

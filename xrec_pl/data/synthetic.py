@@ -135,6 +135,8 @@ PRESETS = {
         num_users=60, num_items=50, num_genres=4, num_communities=3, min_interactions=10, max_interactions=16,
         records=(40, 10, 10),
     ),
+    # the default graph and training records with a 4x larger test split: more paired records for significance
+    "smoke": SyntheticConfig(records=(400, 60, 240)),
 }  # fmt: skip
 _FILES = ("para_dict.pickle", "total_trn.csv", "total_val.csv", "total_tst.csv", "trn.pkl", "val.pkl", "tst.pkl")
 
@@ -306,7 +308,8 @@ def make_synthetic(
             refused with :class:`~xrec_pl.data.io.DataError`, so real data is never overwritten; an earlier synthetic
             dataset is replaced.
         seed: random seed; the same seed, size and overrides give byte-identical files.
-        size: ``"default"`` (600 users, 500 items, 400/60/60 records; a CPU first run) or ``"tiny"`` (60 users,
+        size: ``"default"`` (600 users, 500 items, 400/60/60 records; a CPU first run), ``"smoke"`` (the same with
+            240 test records, for the smoke suite's paired tests) or ``"tiny"`` (60 users,
             50 items, 40/10/10 records; unit tests).
         num_users: override the preset's number of users.
         num_items: override the preset's number of items.
