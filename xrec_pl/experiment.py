@@ -323,7 +323,9 @@ def write_report(spec: Suite, out: Path, seeds: list[int], wall_s: float = 0.0) 
     if sig_rows:
         _write_csv(out / "significance.csv", sig_rows, list(sig_rows[0]))
     plot = _plot(summary, out / "report.png")
-    report = _markdown(spec, seeds, summary, metric_names, sig_rows, wall_s, plot)
+    run_s = sum(_run_wall(out / r["arm"] / f"seed{r['seed']}") for r in rows)
+    shown = [m for m in metric_names if not m.endswith(("_std", "_n")) and m not in ("usr_unique", "empty_predictions")]
+    report = _markdown(spec, seeds, summary, shown, sig_rows, (wall_s, run_s), plot)
     atomic_write_text(out / "report.md", report)
     return {"results": rows, "summary": summary, "significance": sig_rows, "report": str(out / "report.md")}
 
@@ -354,7 +356,13 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.4f} ± {std:.4f}" if math.isfinite(std) else f"{mean:.4f}"
 
 
-def _markdown(spec, seeds, summary, metric_names, sig_rows, wall_s, plot) -> str:
+def _run_wall(run_dir: Path) -> float:
+    path = run_dir / "wall.json"
+    return float(json.loads(path.read_text()).get("seconds", 0.0)) if path.exists() else 0.0
+
+
+def _markdown(spec, seeds, summary, metric_names, sig_rows, times, plot) -> str:
+    wall_s, run_s = times
     lines = [f"# Suite `{spec.name}`", ""]
     if spec.notes:
         lines += [spec.notes.strip(), ""]
@@ -363,16 +371,18 @@ def _markdown(spec, seeds, summary, metric_names, sig_rows, wall_s, plot) -> str
         f"Stage configs: `{spec.stage1_config}`, `{spec.stage2_config}`"
         + (f" with `{' '.join(spec.stage2_args)}`" if spec.stage2_args else "")
         + ".",
-        f"Wall time of this invocation: {wall_s / 60:.1f} min.",
+        f"Wall time of this invocation: {wall_s / 60:.1f} min; the finished runs took {run_s / 60:.1f} min "
+        "(sum of their `wall.json`; shared stage-1 training not included).",
         "",
-        "## Mean ± std over seeds",
+        "## Mean ± std over seeds (all columns, and the per-record spread, in results.csv)",
         "",
-        "| arm | " + " | ".join(metric_names) + " |",
-        "|---|" + "---|" * len(metric_names),
+        "| arm | runs | " + " | ".join(metric_names) + " |",
+        "|---|---|" + "---|" * len(metric_names),
     ]
     for arm, stats in summary.items():
         cells = [_fmt(*stats[m][:2]) if m in stats else "–" for m in metric_names]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        runs = max((n for _, _, n in stats.values()), default=0)
+        lines.append(f"| {arm} | {runs} | " + " | ".join(cells) + " |")
     if sig_rows:
         lines += [
             "",
