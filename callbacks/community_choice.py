@@ -25,11 +25,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from xrec_pl.data.prompts import IGNORE_INDEX
+from xrec_pl.metrics.phrase import find_phrases
 from xrec_pl.utils import write_jsonl
 
 FILENAME = "community_choice.jsonl"
@@ -48,9 +47,8 @@ def read_communities(data_dir: str | Path) -> list[str] | None:
 
 
 def _find(text: str, phrases: list[str]) -> int | None:
-    lowered = text.lower()
-    hits = [i for i, p in enumerate(phrases) if p.lower() in lowered]
-    return hits[0] if len(hits) == 1 else None
+    hits = find_phrases(text, phrases)
+    return hits.pop() if len(hits) == 1 else None
 
 
 def _swap(text: str, old: str, new: str) -> str:
@@ -63,13 +61,8 @@ def sequence_nll(module: Any, batch: dict[str, Any]) -> Tensor:
     """Summed negative log-likelihood of each row's labelled tokens ``(B,)``, with the row's injection."""
     batch = {k: (v.to(module.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
     with module._injecting(batch):
-        hidden = module.lm_hidden_states(batch)  # (B, T, H)
-    targets = batch["labels"][:, 1:]  # (B, T-1)
-    mask = targets != IGNORE_INDEX
-    logits = module.llm.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (N, V)
-    nll = F.cross_entropy(logits, targets[mask], reduction="none")  # (N,)
-    rows = torch.arange(targets.shape[0], device=nll.device)[:, None].expand_as(mask)[mask]  # (N,)
-    return torch.zeros(targets.shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
+        nll, rows = module.token_nll(batch)  # (N,), (N,)
+    return torch.zeros(batch["labels"].shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
 
 
 def community_choice(
@@ -95,8 +88,8 @@ def community_choice(
     for row in [int(r) for r in rows]:
         record = datamodule._record(split, row)
         truth = _find(str(record["explanation"]), phrases)
-        if truth is None:
-            continue
+        if truth is None or phrases[truth].lower() not in str(record["explanation"]).lower():
+            continue  # no single community named (verbatim): nothing to swap
         meta.append((int(record["uid"]), int(record["iid"]), truth))
         for phrase in phrases:
             variant = {**record, "explanation": _swap(str(record["explanation"]), phrases[truth], phrase)}
@@ -146,7 +139,7 @@ class CommunityChoice(pl.Callback):
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
         phrases = read_communities(getattr(dm, "data_dir", "")) if dm is not None else None
-        if phrases is None or not trainer.is_global_zero or not hasattr(pl_module, "lm_hidden_states"):
+        if phrases is None or not trainer.is_global_zero or not hasattr(pl_module, "token_nll"):
             return
         with trainer.precision_plugin.forward_context():
             rows = community_choice(pl_module, dm, phrases, self.split, self.batch_size, self.subset)

@@ -9,20 +9,11 @@ import torch
 
 from callbacks.embedding_export import EmbeddingExport
 from data_modules.graph import InteractionDataModule
+from tests.helpers import quiet_trainer
 from xrec_pl.data.io import load_embeddings
 from xrec_pl.lit.recommender import LightGCNModule
 
-
-def _trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-    }
-    return pl.Trainer(**{**defaults, **kwargs})
+_trainer = quiet_trainer
 
 
 def test_datamodule_triples(synthetic_dir):

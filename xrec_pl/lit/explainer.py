@@ -263,6 +263,14 @@ class ExplainerModule(pl.LightningModule):
 
         Equal to the loss of ``llm(input_ids, attention_mask, labels=labels)`` (tested).
         """
+        nll, _ = self.token_nll(batch)
+        return nll.mean() if reduction == "mean" else nll.sum()
+
+    def token_nll(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Cross-entropy of every labelled token ``(N,)`` and the batch row it belongs to ``(N,)``.
+
+        The LM head runs at the labelled positions only (with the model's logit soft-capping, if any).
+        """
         labels = batch["labels"]
         hidden = self.lm_hidden_states(batch)  # (B, T, H)
         targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
@@ -272,7 +280,8 @@ class ExplainerModule(pl.LightningModule):
         cap = getattr(self.llm.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return F.cross_entropy(logits, targets[mask], reduction=reduction)
+        rows = torch.arange(targets.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (N,)
+        return F.cross_entropy(logits, targets[mask], reduction="none"), rows
 
     def lm_hidden_states(self, batch: dict[str, Any]) -> Tensor:
         """Last hidden states ``(B, T, H)`` of the batch's tokens (subclasses may prepend virtual tokens)."""

@@ -28,6 +28,12 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def find_phrases(text: str, phrases: Sequence[str]) -> set[int]:
+    """Indices of the ``phrases`` that occur in ``text`` (case-insensitive, whitespace-normalised)."""
+    text = _norm(text)
+    return {i for i, p in enumerate(phrases) if _norm(p) in text}
+
+
 class PhraseRecall(PerSampleMetric):
     """Share of predictions that name the same phrase (e.g. community) as their reference.
 
@@ -53,19 +59,15 @@ class PhraseRecall(PerSampleMetric):
         if any(not p for p in self.phrases):
             raise ValueError("phrases must not be empty strings")
 
-    def _find(self, text: str) -> set[int]:
-        text = _norm(text)
-        return {i for i, p in enumerate(self.phrases) if p in text}
-
     def _score(self, preds: list[str], target: list[str]) -> dict[str, Tensor]:
         hit, named = [], []
         for pred, ref in zip(preds, target):
-            wanted = self._find(ref)
+            wanted = find_phrases(ref, self.phrases)
             if not wanted:
                 hit.append(math.nan)
                 named.append(math.nan)
                 continue
-            found = self._find(pred)
+            found = find_phrases(pred, self.phrases)
             hit.append(1.0 if wanted & found else 0.0)
             named.append(1.0 if found else 0.0)
         return {"hit": torch.tensor(hit, dtype=torch.float64), "named": torch.tensor(named, dtype=torch.float64)}
