@@ -28,10 +28,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from xrec_pl import run_layout
 from xrec_pl.metrics.phrase import find_phrases
 from xrec_pl.utils import write_jsonl
-
-FILENAME = "community_choice.jsonl"
 
 
 def read_communities(data_dir: str | Path) -> list[str] | None:
@@ -143,7 +142,7 @@ class CommunityChoice(pl.Callback):
             return
         with trainer.precision_plugin.forward_context():
             rows = community_choice(pl_module, dm, phrases, self.split, self.batch_size, self.subset)
-        path = Path(trainer.default_root_dir) / FILENAME
+        path = Path(trainer.default_root_dir) / run_layout.COMMUNITY_CHOICE
         write_jsonl(path, rows)
         if rows:
             accuracy = sum(r["correct"] for r in rows) / len(rows)

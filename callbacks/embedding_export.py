@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from xrec_pl import run_layout
 from xrec_pl.data.io import save_embeddings
 
 __all__ = ["EmbeddingExport"]
@@ -27,7 +28,7 @@ class EmbeddingExport(pl.Callback):
         source: ``"best"`` checkpoint when there is one, else the current weights; or always ``"last"``.
     """
 
-    def __init__(self, filename: str = "embeddings.safetensors", source: Literal["best", "last"] = "best") -> None:
+    def __init__(self, filename: str = run_layout.EMBEDDINGS, source: Literal["best", "last"] = "best") -> None:
         if source not in ("best", "last"):
             raise ValueError(f"source must be 'best' or 'last', got {source!r}")
         self.filename = filename

@@ -32,7 +32,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from xrec_pl.data.io import DataError
+from xrec_pl import run_layout
+from xrec_pl.errors import DataError
 
 
 def capture_rng() -> dict[str, Any]:
@@ -123,7 +124,7 @@ class PreemptionCheckpoint(pl.Callback):
             always stops (Lightning raises ``SIGTERMException`` after the batch).
     """
 
-    def __init__(self, filename: str = "last.ckpt", stop_on_sigusr1: bool = True) -> None:
+    def __init__(self, filename: str = run_layout.LAST_CKPT, stop_on_sigusr1: bool = True) -> None:
         self.filename = filename
         self.stop_on_sigusr1 = stop_on_sigusr1
         self._sigusr1 = False
@@ -153,7 +154,7 @@ class PreemptionCheckpoint(pl.Callback):
 
     def checkpoint_path(self, trainer: pl.Trainer) -> Path:
         ckpt = trainer.checkpoint_callback
-        folder = getattr(ckpt, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+        folder = getattr(ckpt, "dirpath", None) or run_layout.checkpoints_dir(trainer.default_root_dir)
         return Path(folder) / self.filename
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -210,7 +211,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             others = [c for c in trainer.checkpoint_callbacks if c is not self and getattr(c, "dirpath", None)]
-            folder = others[0].dirpath if others else Path(trainer.default_root_dir) / "checkpoints"
+            folder = others[0].dirpath if others else run_layout.checkpoints_dir(trainer.default_root_dir)
             self.dirpath = str(folder)
         super().setup(trainer, pl_module, stage)
 

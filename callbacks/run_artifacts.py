@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
+from xrec_pl import run_layout
 from xrec_pl.utils import dump_json
 
 
@@ -37,7 +38,7 @@ class MetricsJson(pl.Callback):
         filename: File name inside ``trainer.default_root_dir``.
     """
 
-    def __init__(self, filename: str = "metrics.json") -> None:
+    def __init__(self, filename: str = run_layout.METRICS) -> None:
         self.filename = filename
 
     def path(self, trainer: pl.Trainer) -> Path:

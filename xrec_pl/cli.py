@@ -19,12 +19,11 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from xrec_pl import run_layout
+from xrec_pl.errors import CLI_ERRORS, ConfigError, DataError
+
 STAGE_COMMANDS = ("fit", "validate", "test", "predict")
 TOOL_COMMANDS = ("pipeline", "evaluate", "make-synthetic", "convert", "bench", "experiment")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run (conflicting paths, a run folder that would be overwritten, ...)."""
 
 
 def _offline_defaults() -> None:
@@ -83,7 +82,7 @@ def place_run_outputs(trainer_cfg: Any, *, subcommand: str | None, ckpt_path: st
         if _class_name(callback) == "ModelCheckpoint":
             args = _init_args(callback)
             if not _get(args, "dirpath"):
-                _set(args, "dirpath", str(root / "checkpoints"))
+                _set(args, "dirpath", str(run_layout.checkpoints_dir(root)))
             ckpt_dir = Path(_get(args, "dirpath"))
             if subcommand == "fit" and ckpt_path is None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
                 raise ConfigError(
@@ -121,8 +120,6 @@ class XrecCLI(LightningCLI):
         try:
             super()._parse_ckpt_path()
         except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as err:
-            from xrec_pl.data.io import DataError
-
             ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
             detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
             raise DataError(f"{ckpt_path}: not a readable checkpoint ({type(err).__name__}: {detail})") from err
@@ -256,13 +253,6 @@ Tools:
 """
 
 
-def _errors() -> tuple[type[BaseException], ...]:
-    from xrec_pl.data.io import DataError
-    from xrec_pl.models.llm import LLMLoadError
-
-    return (DataError, ConfigError, LLMLoadError)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``xrec-pl`` console script."""
     _offline_defaults()
@@ -284,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stderr.write(f"xrec-pl: error: unknown command {argv[0]!r}\n\n{USAGE}")
             return 2
-    except _errors() as err:
+    except CLI_ERRORS as err:
         sys.stderr.write(f"xrec-pl: error: {err}\n")
         return 2
     return 0

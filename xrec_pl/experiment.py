@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from xrec_pl import run_layout
+from xrec_pl.errors import ConfigError
 from xrec_pl.utils import atomic_write_text, dump_json
 
 # The arms the framework knows: stage-2 and stage-1 delta files, and whether stage 2 trains.
@@ -77,8 +79,6 @@ class Suite:
 
 def validate_suite(suite: Suite, where: str = "suite") -> Suite:
     """Check arm names and the reference arm; errors name the suite file."""
-    from xrec_pl.cli import ConfigError
-
     if not suite.arms:
         raise ConfigError(f"{where}: the suite has no arms")
     bad = [arm for arm in suite.arms if arm not in ARMS]
@@ -93,7 +93,6 @@ def load_suite(path: str) -> Suite:
     """Read and validate a suite YAML; unknown arms and keys are errors that name the file."""
     import yaml
 
-    from xrec_pl.cli import ConfigError
     from xrec_pl.pipeline import resolve_config
 
     file = resolve_config(path)
@@ -127,8 +126,6 @@ _SETTINGS = ("data_dir", "synthetic_size", "stage1_config", "stage2_config", "st
 
 def _check_results_folder(suite: Suite, out: Path) -> None:
     """Refuse a results folder written by another suite, or by this suite with other run settings."""
-    from xrec_pl.cli import ConfigError
-
     marker = out / "suite.json"
     settings = {key: getattr(suite, key) for key in _SETTINGS}
     if marker.exists():
@@ -185,7 +182,6 @@ def experiment(
         only: Run only these arms of the suite now (the report covers every finished arm).
         report_only: Do not train; rebuild the report from the finished runs.
     """
-    from xrec_pl.cli import ConfigError
     from xrec_pl.pipeline import pipeline
 
     spec = validate_suite(
@@ -226,10 +222,10 @@ def experiment(
 def run_arm(spec: Suite, out: Path, arm: str, seed: int, pipeline: Any) -> Path:
     """Run one (arm, seed) unless it already finished; returns its run folder."""
     run_dir = out / arm / f"seed{seed}"
-    if (run_dir / "metrics.json").exists():
+    if (run_dir / run_layout.METRICS).exists():
         return run_dir
     stage1_dir = out / "_stage1" / f"{_stage1_key(arm)}-seed{seed}"
-    emb = stage1_dir / "stage1" / "embeddings.safetensors"
+    emb = stage1_dir / run_layout.STAGE1_DIR / run_layout.EMBEDDINGS
     data_dir = spec.data_dir or str(out / "_data" / f"seed{seed}")
     if not emb.exists():
         pipeline_stage1(spec, stage1_dir, data_dir, seed, arm)
@@ -246,7 +242,7 @@ def run_arm(spec: Suite, out: Path, arm: str, seed: int, pipeline: Any) -> Path:
         seed=seed,
         show=0,
     )
-    dump_json(run_dir / "wall.json", {"seconds": time.perf_counter() - t0})
+    dump_json(run_dir / run_layout.WALL, {"seconds": time.perf_counter() - t0})
     return run_dir
 
 
@@ -259,19 +255,19 @@ def pipeline_stage1(spec: Suite, stage1_dir: Path, data_dir: str, seed: int, arm
 
         make_synthetic(data_dir, seed=seed, size=spec.synthetic_size)
     overrides = [*_config_args(ARMS[arm].get("stage1", [])), *spec.stage1_args]
-    run_stage(spec.stage1_config, stage1_dir / "stage1", Path(data_dir), overrides, seed)
+    run_stage(spec.stage1_config, stage1_dir / run_layout.STAGE1_DIR, Path(data_dir), overrides, seed)
 
 
 # --------------------------------------------------------------------------------------------------------- reporting
 
 
 def _run_scores(run_dir: Path) -> dict[str, float]:
-    data = json.loads((run_dir / "metrics.json").read_text())
+    data = json.loads((run_dir / run_layout.METRICS).read_text())
     return {k: float(v) for k, v in data.get("explanations", {}).items() if isinstance(v, (int, float))}
 
 
 def _per_sample(run_dir: Path) -> dict[str, dict[tuple[int, int], float]]:
-    path = run_dir / "per_sample.json"
+    path = run_dir / run_layout.PER_SAMPLE
     if not path.exists():
         return {}
     raw = json.loads(path.read_text())
@@ -286,14 +282,12 @@ def write_report(spec: Suite, out: Path, seeds: list[int], wall_s: float = 0.0) 
     for arm in spec.arms:
         for seed in seeds:
             run_dir = out / arm / f"seed{seed}"
-            if (run_dir / "metrics.json").exists():
+            if (run_dir / run_layout.METRICS).exists():
                 rows.append({"arm": arm, "seed": seed, **_run_scores(run_dir)})
     if not rows:
-        from xrec_pl.cli import ConfigError
-
         raise ConfigError(f"{out}: no finished runs to report")
     metric_names = sorted({k for r in rows for k in r if k not in ("arm", "seed", "n")} - {"judge_unparsable"})
-    _write_csv(out / "results.csv", rows, ["arm", "seed", *metric_names])
+    _write_csv(out / run_layout.RESULTS_CSV, rows, ["arm", "seed", *metric_names])
 
     summary: dict[str, dict[str, tuple[float, float, int]]] = {}
     for arm in spec.arms:
@@ -321,13 +315,13 @@ def write_report(spec: Suite, out: Path, seeds: list[int], wall_s: float = 0.0) 
                 result = compare_paired(np.asarray(a), np.asarray(b))
                 sig_rows.append({"arm": arm, "vs": spec.reference_arm, "metric": metric, "n_pairs": len(a), **result})
     if sig_rows:
-        _write_csv(out / "significance.csv", sig_rows, list(sig_rows[0]))
-    plot = _plot(summary, out / "report.png")
+        _write_csv(out / run_layout.SIGNIFICANCE_CSV, sig_rows, list(sig_rows[0]))
+    plot = _plot(summary, out / run_layout.REPORT_PNG)
     run_s = sum(_run_wall(out / r["arm"] / f"seed{r['seed']}") for r in rows)
     shown = [m for m in metric_names if not m.endswith(("_std", "_n")) and m not in ("usr_unique", "empty_predictions")]
     report = _markdown(spec, seeds, summary, shown, sig_rows, (wall_s, run_s), plot)
-    atomic_write_text(out / "report.md", report)
-    return {"results": rows, "summary": summary, "significance": sig_rows, "report": str(out / "report.md")}
+    atomic_write_text(out / run_layout.REPORT_MD, report)
+    return {"results": rows, "summary": summary, "significance": sig_rows, "report": str(out / run_layout.REPORT_MD)}
 
 
 def spec_metrics_per_sample(spec: Suite) -> list[str]:
@@ -357,7 +351,7 @@ def _fmt(mean: float, std: float) -> str:
 
 
 def _run_wall(run_dir: Path) -> float:
-    path = run_dir / "wall.json"
+    path = run_dir / run_layout.WALL
     return float(json.loads(path.read_text()).get("seconds", 0.0)) if path.exists() else 0.0
 
 

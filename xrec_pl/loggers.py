@@ -23,6 +23,8 @@ from typing import Any
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from xrec_pl import run_layout
+
 
 def wandb_mode(mode: str = "auto") -> str:
     """Resolve ``auto`` to ``online`` when an API key is configured (env or ~/.netrc), else ``offline``.
@@ -118,8 +120,8 @@ class XrecWandbLogger(WandbLogger):
                     ckpts.append(Path(path))
         groups = {
             ("checkpoint", "model"): ckpts,
-            ("predictions", "predictions"): [self._run_dir / "predictions.jsonl"],
-            ("embeddings", "embeddings"): [self._run_dir / "embeddings.safetensors"],
+            ("predictions", "predictions"): [self._run_dir / run_layout.PREDICTIONS],
+            ("embeddings", "embeddings"): [self._run_dir / run_layout.EMBEDDINGS],
         }
         logged = []
         for (kind, type_), paths in groups.items():

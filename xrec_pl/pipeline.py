@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xrec_pl import run_layout
+from xrec_pl.errors import ConfigError
 from xrec_pl.utils import dump_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +32,6 @@ def resolve_config(path: str) -> Path:
     for candidate in (Path(path), REPO_ROOT / path, REPO_ROOT / "configs" / path):
         if candidate.is_file():
             return candidate
-    from xrec_pl.cli import ConfigError
-
     raise ConfigError(f"{path}: config file not found (looked in ., {REPO_ROOT} and {REPO_ROOT / 'configs'})")
 
 
@@ -41,7 +41,7 @@ def _write(text: str) -> None:
 
 
 def _last_ckpt(run_dir: Path) -> str | None:
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_layout.last_checkpoint(run_dir)
     return str(last) if last.exists() else None
 
 
@@ -129,7 +129,7 @@ def pipeline(
     started = time.perf_counter()
 
     if data_dir is None:
-        data = out / "data"
+        data = out / run_layout.DATA_DIR
         if not (data / "para_dict.pickle").exists():
             from xrec_pl.data.synthetic import make_synthetic
 
@@ -140,9 +140,9 @@ def pipeline(
     else:
         data = Path(data_dir)
 
-    stage1_dir, stage2_dir = out / "stage1", out / "stage2"
+    stage1_dir, stage2_dir = out / run_layout.STAGE1_DIR, out / run_layout.STAGE2_DIR
     if embeddings is None:
-        emb_path = stage1_dir / "embeddings.safetensors"
+        emb_path = stage1_dir / run_layout.EMBEDDINGS
         if emb_path.exists():
             _write(f"[xrec-pl] stage 1 already finished: using {emb_path}")
         else:
@@ -153,7 +153,7 @@ def pipeline(
     else:
         emb_path = Path(embeddings)
 
-    predictions = stage2_dir / "predictions.jsonl"
+    predictions = stage2_dir / run_layout.PREDICTIONS
     if predictions.exists():
         _write(f"[xrec-pl] stage 2 already finished: using {predictions}")
     else:
@@ -167,21 +167,22 @@ def pipeline(
     scores = evaluate_files(str(predictions), None, metrics=tuple(metrics or ("usr", "bertscore")), per_sample=True)
     per_sample = scores.pop("per_sample", {})
     extra = _add_community_choice(stage2_dir, scores)
-    _write_per_sample(out / "per_sample.json", predictions, per_sample, extra)
+    _write_per_sample(out / run_layout.PER_SAMPLE, predictions, per_sample, extra)
     timings["evaluate_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
 
     result = {
         "data_dir": str(data),
         "embeddings": str(emb_path),
-        "stage1": _read_metrics(stage1_dir / "metrics.json"),
-        "stage2": _read_metrics(stage2_dir / "metrics.json"),
+        "stage1": _read_metrics(stage1_dir / run_layout.METRICS),
+        "stage2": _read_metrics(stage2_dir / run_layout.METRICS),
         "explanations": scores,
         "predictions": str(predictions),
     }
-    dump_json(out / "metrics.json", result)
-    previous = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
-    dump_json(out / "timings.json", {**previous, **timings})
+    dump_json(out / run_layout.METRICS, result)
+    timings_path = out / run_layout.TIMINGS
+    previous = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    dump_json(timings_path, {**previous, **timings})
     _report(result, predictions, show)
     return result
 
@@ -192,9 +193,7 @@ def _add_community_choice(stage2_dir: Path, scores: dict[str, Any]) -> dict[str,
     Returns its per-record hits for ``per_sample.json`` (``{}`` when there is no such file). They cover every tested
     record, which may be more than the generated ones.
     """
-    from callbacks.community_choice import FILENAME
-
-    path = stage2_dir / FILENAME
+    path = stage2_dir / run_layout.COMMUNITY_CHOICE
     choices = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     if not choices:
         return {}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from jsonargparse import Namespace
 
-from xrec_pl.cli import ConfigError, main, place_run_outputs
+from xrec_pl.cli import main, place_run_outputs
+from xrec_pl.errors import ConfigError
 
 
 def _trainer_cfg(root, ckpt_dirpath=None):

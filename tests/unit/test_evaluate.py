@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tests.unit.test_metrics import FakeScorer
-from xrec_pl.data.io import DataError
+from xrec_pl.errors import DataError
 from xrec_pl.evaluate import compare_files, evaluate, evaluate_files, load_texts, split_metric_kwargs
 
 PREDS = ["the book is fun", "a dark thriller", "romance and drama", "cooking at home"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from xrec_pl.data.io import DataError
+from xrec_pl.errors import DataError
 from xrec_pl.evaluate import restrict_to_records
 
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from xrec_pl.cli import ConfigError
+from xrec_pl.errors import ConfigError
 from xrec_pl.experiment import Suite, experiment, load_suite, write_report
 
 

@@ -10,9 +10,9 @@ import torch
 
 from data_modules.explanations import ExplanationDataModule
 from tests.helpers import quiet_trainer
-from xrec_pl.data.io import DataError, save_embeddings
+from xrec_pl.data.io import save_embeddings
+from xrec_pl.errors import DataError, LLMLoadError
 from xrec_pl.lit.explainer import ExplainerModule
-from xrec_pl.models.llm import LLMLoadError
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from data_modules.explanations import BucketSampler, ExplanationDataModule
-from xrec_pl.data.io import DataError
 from xrec_pl.data.prompts import IGNORE_INDEX
+from xrec_pl.errors import DataError
 
 TRAIN_KEYS = {"input_ids", "attention_mask", "labels", "user_pos", "item_pos", "user_id", "item_id", "index"}
 

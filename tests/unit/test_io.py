@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from xrec_pl.data import io as dio
-from xrec_pl.data.io import RECORD_COLUMNS, DataError
+from xrec_pl.data.io import RECORD_COLUMNS
+from xrec_pl.errors import DataError
 
 
 @pytest.fixture

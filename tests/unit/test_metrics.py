@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from xrec_pl.data.io import DataError
+from xrec_pl.errors import DataError
 from xrec_pl.metrics import USR, BERTScore, LLMJudge, build_metric, parse_judge_score, stable_text_hash
 from xrec_pl.metrics.significance import bootstrap_mean_diff_ci, compare_paired, compare_scores, paired_tests
 

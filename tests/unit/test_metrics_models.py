@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from xrec_pl.data.io import DataError
+from xrec_pl.errors import DataError
 from xrec_pl.metrics import BLEURT, BARTScore
 
 transformers = pytest.importorskip("transformers")

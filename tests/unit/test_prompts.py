@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from xrec_pl.data.io import DataError
 from xrec_pl.data.prompts import IGNORE_INDEX, PromptBuilder
+from xrec_pl.errors import DataError
 
 RECORD = {
     "uid": 3,

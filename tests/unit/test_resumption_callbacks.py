@@ -22,7 +22,7 @@ from callbacks.resumption import (
     capture_rng,
     restore_rng,
 )
-from xrec_pl.data.io import DataError
+from xrec_pl.errors import DataError
 
 
 class Tiny(pl.LightningModule):

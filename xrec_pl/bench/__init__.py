@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from xrec_pl.errors import ConfigError
 from xrec_pl.utils import dump_json
 
 PARTS = ("stage1", "stage2", "generation")
@@ -57,8 +58,6 @@ def bench(
     parts = list(parts or PARTS)
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        from xrec_pl.cli import ConfigError
-
         raise ConfigError(f"bench: unknown part(s) {unknown}; choose from {list(PARTS)}")
     results: dict[str, Any] = {"machine": machine_header()}
     if "stage1" in parts:

@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from xrec_pl.data.errors import DataError
+from xrec_pl import run_layout
 from xrec_pl.data.pickles import TensorUnpickler, load_with, safe_load_pickle
+from xrec_pl.errors import DataError
 from xrec_pl.utils import atomic_path, atomic_write_text, atomic_write_with, write_jsonl
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 RECORD_COLUMNS = ("uid", "iid", "title", "user_summary", "item_summary", "explanation")
 TEXT_COLUMNS = RECORD_COLUMNS[2:]
 SPLITS = ("trn", "val", "tst")
-EMBEDDINGS_FILENAME = "embeddings.safetensors"
 # Preference when a split exists in several formats: plain formats first, the pickle last.
 RECORD_SUFFIXES = (".parquet", ".jsonl", ".pkl")
 
@@ -357,11 +357,11 @@ def load_embeddings(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
     """
     path = Path(path)
     if path.is_dir():
-        if (path / EMBEDDINGS_FILENAME).is_file():
-            return _load_safetensors(path / EMBEDDINGS_FILENAME)
+        if (path / run_layout.EMBEDDINGS).is_file():
+            return _load_safetensors(path / run_layout.EMBEDDINGS)
         if (path / "user_emb.pkl").is_file():
             return _load_reference_pair(path)
-        raise DataError(f"{path / EMBEDDINGS_FILENAME}: file not found (nor user_emb.pkl / item_emb.pkl)")
+        raise DataError(f"{path / run_layout.EMBEDDINGS}: file not found (nor user_emb.pkl / item_emb.pkl)")
     if path.name in ("user_emb.pkl", "item_emb.pkl"):
         return _load_reference_pair(path.parent)
     if not path.is_file():
@@ -458,7 +458,7 @@ def convert_folder(
         elif emb_pair and rel.parent == Path(".") and path.name in ("user_emb.pkl", "item_emb.pkl"):
             if path.name == "user_emb.pkl":
                 user, item = _load_reference_pair(src)
-                target = out_dir / EMBEDDINGS_FILENAME
+                target = out_dir / run_layout.EMBEDDINGS
                 jobs.append((target, lambda d=target, u=user, i=item: save_embeddings(d, u, i, {"source": "xrec"})))
         else:
             obj = safe_load_pickle(path)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from xrec_pl.data.errors import DataError
+from xrec_pl.errors import DataError
 
 # --------------------------------------------------------------------------------------------------------------------
 # Restricted unpickler

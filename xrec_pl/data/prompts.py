@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from xrec_pl.data.io import DataError
+from xrec_pl.errors import DataError
 
 __all__ = ["IGNORE_INDEX", "PROMPT_STYLES", "DOMAINS", "PromptBuilder"]
 

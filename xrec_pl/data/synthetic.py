@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xrec_pl.data.io import DataError
+from xrec_pl.errors import DataError
 from xrec_pl.utils import atomic_write_text, atomic_write_with, dump_json
 
 GENRES = ("mystery", "fantasy", "romance", "science fiction", "history", "horror", "poetry", "travel")

@@ -43,13 +43,15 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from xrec_pl.data.io import DataError, load_embeddings
+from xrec_pl import run_layout
+from xrec_pl.data.io import load_embeddings
 from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.data.sampler import epoch_seed
+from xrec_pl.errors import DataError, LLMLoadError
 from xrec_pl.models.adapters import build_adapter
 from xrec_pl.models.decoding import greedy_generate
 from xrec_pl.models.injection import EmbeddingInjector
-from xrec_pl.models.llm import LLMLoadError, get_llm_info, load_frozen_llm
+from xrec_pl.models.llm import get_llm_info, load_frozen_llm
 from xrec_pl.utils import write_jsonl
 
 __all__ = ["EMBEDDING_SOURCES", "ExplainerModule"]
@@ -120,7 +122,7 @@ class ExplainerModule(pl.LightningModule):
         max_new_tokens: int = 128,
         decoder: str = "compact",
         gradient_checkpointing: bool = False,
-        predictions_file: str = "predictions.jsonl",
+        predictions_file: str = run_layout.PREDICTIONS,
         seed: int = 0,
     ) -> None:
         super().__init__()

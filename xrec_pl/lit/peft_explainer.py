@@ -32,6 +32,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from xrec_pl import run_layout
 from xrec_pl.lit.explainer import _CKPT_KEY, ExplainerModule
 
 __all__ = ["PEFT_METHODS", "PeftExplainerModule"]
@@ -89,7 +90,7 @@ class PeftExplainerModule(ExplainerModule):
         max_new_tokens: int = 128,
         decoder: str = "compact",
         gradient_checkpointing: bool = False,
-        predictions_file: str = "predictions.jsonl",
+        predictions_file: str = run_layout.PREDICTIONS,
         seed: int = 0,
     ) -> None:
         if method not in PEFT_METHODS:

@@ -21,7 +21,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from xrec_pl.data.io import DataError
+from xrec_pl.errors import DataError
 from xrec_pl.metrics.hashing import stable_text_hash  # noqa: F401  (re-exported)
 
 UNASSIGNED_ID = -1

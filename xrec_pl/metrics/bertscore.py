@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from xrec_pl.data.io import DataError
+from xrec_pl.errors import DataError
 from xrec_pl.metrics.base import PerSampleMetric, mean_std
 
 MINILM = "all-MiniLM-L6-v2"

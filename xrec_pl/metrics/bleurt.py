@@ -110,7 +110,7 @@ def load_bleurt_tokenizer(folder: Path):
         return DebertaV2Tokenizer.from_pretrained(str(folder), local_files_only=True)
     if (folder / "vocab.txt").exists() or (folder / "tokenizer.json").exists():
         return BertTokenizer.from_pretrained(str(folder), local_files_only=True)
-    from xrec_pl.data.io import DataError
+    from xrec_pl.errors import DataError
 
     raise DataError(f"{folder}: BLEURT checkpoint has no tokenizer files (vocab.txt, tokenizer.json or spm.model)")
 

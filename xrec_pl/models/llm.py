@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from xrec_pl.errors import LLMLoadError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -46,10 +48,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "32": "float32", "bf16": "bfloat16", "fp16": "float16", "16": "float16"}
 _CACHE_MARKER = "xrec_pl_cache.json"
-
-
-class LLMLoadError(ValueError):
-    """The LLM (or its tokenizer) could not be loaded; the message names what was asked for and what was tried."""
 
 
 @dataclass(frozen=True)
