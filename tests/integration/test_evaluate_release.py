@@ -12,7 +12,7 @@ import os
 import pytest
 
 from xrec_pl.data.io import safe_load_pickle
-from xrec_pl.evaluate import evaluate, evaluate_files
+from xrec_pl.tools.evaluate import evaluate, evaluate_files
 
 pytestmark = pytest.mark.integration
 

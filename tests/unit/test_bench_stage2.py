@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xrec_pl.bench import stage2
+from xrec_pl.tools.bench import stage2
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from jsonargparse import Namespace
 
-from xrec_pl.cli import main, place_run_outputs
+from xrec_pl.cli import main
 from xrec_pl.errors import ConfigError
+from xrec_pl.tools.stage_cli import place_run_outputs
 
 
 def _trainer_cfg(root, ckpt_dirpath=None):

@@ -11,7 +11,7 @@ from data_modules.explanations import ExplanationDataModule
 from tests.helpers import quiet_trainer
 from tests.unit.test_explainer import emb_path as emb_path  # the fixture
 from tests.unit.test_explainer import make
-from xrec_pl.pipeline import _add_community_choice
+from xrec_pl.tools.pipeline import _add_community_choice
 
 
 def test_sequence_nll_sums_to_the_training_loss(synthetic_dir, emb_path):

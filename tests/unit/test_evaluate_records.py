@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from xrec_pl.errors import DataError
-from xrec_pl.evaluate import restrict_to_records
+from xrec_pl.tools.evaluate import restrict_to_records
 
 
 def _records(path, explanations):

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.explanation_metrics import ExplanationMetricsCallback, select_subset, shard_indices
 from tests.unit.test_metrics import FakeScorer
-from xrec_pl.evaluate import evaluate
+from xrec_pl.tools.evaluate import evaluate
 
 N_RECORDS = 20
 

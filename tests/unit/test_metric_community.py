@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from xrec_pl.evaluate import evaluate
 from xrec_pl.metrics import build_metric
 from xrec_pl.metrics.phrase import PhraseRecall
+from xrec_pl.tools.evaluate import evaluate
 
 REFS = [
     "Great plot. Like other members of the harbour book exchange, they will pass it on.",

@@ -209,7 +209,7 @@ def test_prompt_init_text_and_bad_arguments():
 @pytest.mark.parametrize("method", METHODS)
 def test_ablation_delta_in_pipeline_order(synthetic_dir, tmp_path, method):
     """As ``xrec-pl pipeline``/``experiment`` build stage 2: explainer-only overrides come before the delta."""
-    from xrec_pl.cli import XrecCLI
+    from xrec_pl.tools.stage_cli import XrecCLI
 
     cli = XrecCLI(
         args=[

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from xrec_pl.bench.clock import EpochClock
+from xrec_pl.tools.bench.clock import EpochClock
 
 __all__ = ["PEAK_FLOPS", "run_stage2_bench"]
 
@@ -621,7 +621,7 @@ def _memory_child(args: argparse.Namespace) -> dict[str, Any]:
 def _bench_memory(data_dir: Path, opts: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"measured": "fresh subprocess per side; peak RSS = VmHWM (reset between phases)"}
     for side in ("reference", "ours"):
-        cmd = [sys.executable, "-m", "xrec_pl.bench.stage2", str(data_dir), "--memory-side", side]
+        cmd = [sys.executable, "-m", "xrec_pl.tools.bench.stage2", str(data_dir), "--memory-side", side]
         for key in ("llm", "device", "precision", "threads", "batch_size", "gen_batch_size", "max_new_tokens", "seed"):
             if opts.get(key) is not None:
                 cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
@@ -688,7 +688,7 @@ def run_stage2_bench(
         ``{"stage2": {...}, "generation": {...}, "memory": {...}}`` (the parts asked for), each with ``ours_*``,
         ``reference_*`` and ``ratio`` figures plus the machine header, threads and load averages.
     """
-    from xrec_pl.bench import machine_header
+    from xrec_pl.tools.bench.clock import machine_header
 
     if threads:
         torch.set_num_threads(threads)
@@ -805,7 +805,7 @@ def format_table(results: dict[str, Any], quick: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """``python -m xrec_pl.bench.stage2 DATA_DIR [--quick] [--threads N] [--precision bf16-mixed] [--out FILE]``."""
+    """``python -m xrec_pl.tools.bench.stage2 DATA_DIR [--quick] [--threads N] [--precision bf16-mixed] [--out FILE]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir")
     parser.add_argument("--parts", nargs="+", default=["stage2", "generation"])

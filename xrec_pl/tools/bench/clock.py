@@ -1,7 +1,8 @@
-"""A Lightning callback that times the training epoch of a benchmark run."""
+"""What every benchmark measures with: the machine it ran on, and a callback that times a training epoch."""
 
 from __future__ import annotations
 
+import platform
 import time
 from typing import Any
 
@@ -35,3 +36,23 @@ class EpochClock(pl.Callback):
         if self.sync_cuda and torch.cuda.is_available():
             torch.cuda.synchronize()
         self.stop = time.perf_counter()
+
+
+def machine_header() -> dict[str, Any]:
+    """Describe the machine a benchmark ran on (reported beside every figure)."""
+    import os
+
+    import torch
+
+    header: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        header["device"] = torch.cuda.get_device_name(0)
+        header["gpu_count"] = torch.cuda.device_count()
+    return header

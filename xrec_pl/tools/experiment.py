@@ -93,7 +93,7 @@ def load_suite(path: str) -> Suite:
     """Read and validate a suite YAML; unknown arms and keys are errors that name the file."""
     import yaml
 
-    from xrec_pl.pipeline import resolve_config
+    from xrec_pl.tools.pipeline import resolve_config
 
     file = resolve_config(path)
     raw = yaml.safe_load(file.read_text()) or {}
@@ -113,7 +113,7 @@ def _stage1_key(arm: str) -> str:
 
 
 def _config_args(deltas: list[str]) -> list[str]:
-    from xrec_pl.pipeline import resolve_config
+    from xrec_pl.tools.pipeline import resolve_config
 
     args: list[str] = []
     for delta in deltas:
@@ -167,7 +167,7 @@ def experiment(
 
     Args:
         name: Suite name (recorded in the results folder; another suite's folder is refused).
-        arms: Arms to run (see ``xrec_pl.experiment.ARMS``).
+        arms: Arms to run (see ``xrec_pl.tools.experiment.ARMS``).
         out_dir: Results folder.
         stage1_config: Stage-1 LightningCLI config.
         stage2_config: Stage-2 LightningCLI config.
@@ -182,7 +182,7 @@ def experiment(
         only: Run only these arms of the suite now (the report covers every finished arm).
         report_only: Do not train; rebuild the report from the finished runs.
     """
-    from xrec_pl.pipeline import pipeline
+    from xrec_pl.tools.pipeline import pipeline
 
     spec = validate_suite(
         Suite(
@@ -248,7 +248,7 @@ def run_arm(spec: Suite, out: Path, arm: str, seed: int, pipeline: Any) -> Path:
 
 def pipeline_stage1(spec: Suite, stage1_dir: Path, data_dir: str, seed: int, arm: str) -> None:
     """Train the stage-1 model an arm needs (shared by every arm with the same stage-1 deltas and seed)."""
-    from xrec_pl.pipeline import run_stage
+    from xrec_pl.tools.pipeline import run_stage
 
     if spec.data_dir is None and not (Path(data_dir) / "para_dict.pickle").exists():
         from xrec_pl.data.synthetic import make_synthetic

@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from xrec_pl.bench.clock import EpochClock
+from xrec_pl.tools.bench.clock import EpochClock
 from xrec_pl.utils import dump_json
 
 __all__ = ["run_stage1_bench"]
@@ -240,7 +240,7 @@ def run_stage1_bench(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """``python -m xrec_pl.bench.stage1 DATA_DIR [--repeats N] [--max-steps S|0] [--out FILE]``."""
+    """``python -m xrec_pl.tools.bench.stage1 DATA_DIR [--repeats N] [--max-steps S|0] [--out FILE]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir")
     parser.add_argument("--repeats", type=int, default=2)

@@ -3,35 +3,15 @@
 from __future__ import annotations
 
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 from xrec_pl.errors import ConfigError
+from xrec_pl.tools.bench.clock import machine_header
 from xrec_pl.utils import dump_json
 
 PARTS = ("stage1", "stage2", "generation")
-
-
-def machine_header() -> dict[str, Any]:
-    """Describe the machine a benchmark ran on (reported beside every figure)."""
-    import os
-
-    import torch
-
-    header: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-    }
-    if torch.cuda.is_available():
-        header["device"] = torch.cuda.get_device_name(0)
-        header["gpu_count"] = torch.cuda.device_count()
-    return header
 
 
 def bench(
@@ -61,11 +41,11 @@ def bench(
         raise ConfigError(f"bench: unknown part(s) {unknown}; choose from {list(PARTS)}")
     results: dict[str, Any] = {"machine": machine_header()}
     if "stage1" in parts:
-        from xrec_pl.bench.stage1 import run_stage1_bench
+        from xrec_pl.tools.bench.stage1 import run_stage1_bench
 
         results["stage1"] = run_stage1_bench(data_dir, repeats=2, max_steps=20 if quick else None, num_threads=threads)
     if "stage2" in parts or "generation" in parts:
-        from xrec_pl.bench.stage2 import run_stage2_bench
+        from xrec_pl.tools.bench.stage2 import run_stage2_bench
 
         stage2_parts = [p for p in parts if p != "stage1"]
         results.update(

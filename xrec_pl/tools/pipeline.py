@@ -24,7 +24,7 @@ from xrec_pl import run_layout
 from xrec_pl.errors import ConfigError
 from xrec_pl.utils import dump_json
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def resolve_config(path: str) -> Path:
@@ -62,7 +62,7 @@ def run_stage(
     predict: bool = False,
 ) -> Any:
     """Run one stage through the project's LightningCLI objects: fit (resuming a ``last.ckpt``), test, predict."""
-    from xrec_pl.cli import XrecCLI
+    from xrec_pl.tools.stage_cli import XrecCLI
 
     args = [
         "--config",
@@ -121,7 +121,7 @@ def pipeline(
         seed: Seed for both stages (``seed_everything``) and the synthetic data.
         show: Number of generated explanations to print beside their references.
     """
-    from xrec_pl.evaluate import evaluate_files
+    from xrec_pl.tools.evaluate import evaluate_files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

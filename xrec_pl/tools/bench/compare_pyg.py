@@ -5,7 +5,7 @@ Both sides see the same training loader (same order, same negatives re-drawn per
 training items masked). PyG's model averages its layers (``alpha = 1/(L+1)``), so it is compared with
 ``combine: mean``; ``sum`` (XRec) is reported too.
 
-    python -m xrec_pl.bench.compare_pyg ../shared/data/amazon --epochs 20 --out bench_results/compare_pyg.json
+    python -m xrec_pl.tools.bench.compare_pyg ../shared/data/amazon --epochs 20 --out bench_results/compare_pyg.json
 """
 
 from __future__ import annotations
