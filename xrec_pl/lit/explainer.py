@@ -57,7 +57,7 @@ from xrec_pl.utils import write_jsonl
 __all__ = ["EMBEDDING_SOURCES", "ExplainerModule"]
 
 EMBEDDING_SOURCES = ("graph", "fixed", "random", "redrawn")
-_CKPT_KEY = "xrec_explainer"
+CHECKPOINT_KEY = "xrec_explainer"
 
 
 def _causal_suffices(mask: Tensor | None) -> Tensor | None:
@@ -532,7 +532,7 @@ class ExplainerModule(pl.LightningModule):
         """Keep only the adapter weights (never the frozen LLM) and record what they were trained with."""
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint[_CKPT_KEY] = self._identity()
+        checkpoint[CHECKPOINT_KEY] = self._identity()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse checkpoints of another LLM/adapter, or with missing/unexpected adapter keys (``DataError``)."""
@@ -548,7 +548,7 @@ class ExplainerModule(pl.LightningModule):
         checkpoint["state_dict"] = {**self.llm.state_dict(prefix="llm."), **checkpoint["state_dict"]}
 
     def _check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(_CKPT_KEY)
+        saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:
             raise ValueError("not an ExplainerModule checkpoint (no LLM/adapter identity stored)")
         self.llm_info.check_matches(saved["llm"], what="checkpoint")

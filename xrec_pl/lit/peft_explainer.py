@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from xrec_pl import run_layout
-from xrec_pl.lit.explainer import _CKPT_KEY, ExplainerModule
+from xrec_pl.lit.explainer import CHECKPOINT_KEY, ExplainerModule
 
 __all__ = ["PEFT_METHODS", "PeftExplainerModule"]
 
@@ -263,7 +263,7 @@ class PeftExplainerModule(ExplainerModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse checkpoints of another method or peft shape, then validate keys/shapes as the explainer does."""
-        saved = checkpoint.get(_CKPT_KEY)
+        saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is not None:
             mine = self._identity()
             for key in _IDENTITY_KEYS:

@@ -157,7 +157,7 @@ def load_frozen_llm(
     added = add_reserved_tokens(model, tokenizer)
     model.requires_grad_(False)
     model.eval()
-    model.xrec_pl_info = _describe(model, tokenizer, name_or_path, source, added)
+    model.xrec_pl_info = describe_llm(model, tokenizer, name_or_path, source, added)
     log.info("loaded frozen LLM %s", model.xrec_pl_info)
     return model, tokenizer
 
@@ -414,7 +414,8 @@ def _write_cache(cache: Path, model: PreTrainedModel, tokenizer: PreTrainedToken
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _describe(model, tokenizer, name: str, source: str, added: dict[str, int]) -> LLMInfo:
+def describe_llm(model, tokenizer, name: str, source: str, added: dict[str, int]) -> LLMInfo:
+    """The :class:`LLMInfo` of a loaded model and tokenizer (``name``/``source``: where it came from)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
     return LLMInfo(

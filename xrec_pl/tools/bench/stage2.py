@@ -104,7 +104,7 @@ def peak_flops(device_name: str) -> float | None:
 def _random_llm(kind: str, device: str) -> tuple[nn.Module, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from xrec_pl.models.llm import _describe, add_reserved_tokens
+    from xrec_pl.models.llm import add_reserved_tokens, describe_llm
     from xrec_pl.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
@@ -127,7 +127,7 @@ def _random_llm(kind: str, device: str) -> tuple[nn.Module, Any]:
         torch.set_default_dtype(before)
     added = add_reserved_tokens(model, tokenizer)
     model.requires_grad_(False).eval()
-    model.xrec_pl_info = _describe(model, tokenizer, kind, f"random {kind} Llama (bench only)", added)
+    model.xrec_pl_info = describe_llm(model, tokenizer, kind, f"random {kind} Llama (bench only)", added)
     return model, tokenizer
 
 
