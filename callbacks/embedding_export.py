@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from xrec_pl import run_layout
 from xrec_pl.data.io import save_embeddings
+from xrec_pl.utils import check_choice
 
 __all__ = ["EmbeddingExport"]
 
@@ -29,8 +30,7 @@ class EmbeddingExport(pl.Callback):
     """
 
     def __init__(self, filename: str = run_layout.EMBEDDINGS, source: Literal["best", "last"] = "best") -> None:
-        if source not in ("best", "last"):
-            raise ValueError(f"source must be 'best' or 'last', got {source!r}")
+        check_choice("source", source, Literal["best", "last"])
         self.filename = filename
         self.source = source
         self.last_path: Path | None = None

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -36,8 +36,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xrec_pl.data.io import read_para_dict, read_records
-from xrec_pl.data.prompts import IGNORE_INDEX, PromptBuilder
+from xrec_pl.data.prompts import IGNORE_INDEX, Domain, PromptBuilder, PromptStyle
 from xrec_pl.data.sampler import ResumableDataLoader, ResumableSampler, epoch_seed
+from xrec_pl.utils import check_choice
 
 __all__ = ["BucketSampler", "ExplanationDataModule", "PadCollator"]
 
@@ -71,9 +72,8 @@ class PadCollator:
             row sits at the end, where generation continues).
     """
 
-    def __init__(self, pad_token_id: int, side: str = "right") -> None:
-        if side not in ("left", "right"):
-            raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    def __init__(self, pad_token_id: int, side: Literal["left", "right"] = "right") -> None:
+        check_choice("padding side", side, Literal["left", "right"])
         self.pad_token_id = int(pad_token_id)
         self.side = side
 
@@ -184,8 +184,8 @@ class ExplanationDataModule(pl.LightningDataModule):
         data_dir: str,
         batch_size: int = 4,
         eval_batch_size: int = 8,
-        style: str = "chat",
-        domain: str = "books",
+        style: PromptStyle = "chat",
+        domain: Domain = "books",
         profiles: bool = True,
         max_length: int = 1024,
         num_workers: int = 0,

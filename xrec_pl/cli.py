@@ -12,10 +12,15 @@ Bad input (``DataError``, ``ConfigError``) ends the program with one line on std
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError
+
+from xrec_pl.data.io import RecordFormat
+from xrec_pl.data.synthetic import SyntheticSize
 from xrec_pl.errors import CLI_ERRORS, ConfigError
 from xrec_pl.tools.stage_cli import XrecCLI, offline_defaults
 
@@ -26,7 +31,9 @@ TOOL_COMMANDS = ("pipeline", "evaluate", "make-synthetic", "convert", "bench", "
 # ----------------------------------------------------------------------------------------------------- tool commands
 
 
-def make_synthetic(out: str = "data/synthetic", seed: int = 0, size: str = "default", overwrite: bool = False) -> str:
+def make_synthetic(
+    out: str = "data/synthetic", seed: int = 0, size: SyntheticSize = "default", overwrite: bool = False
+) -> str:
     """Write the project's deterministic synthetic dataset in the XRec format.
 
     Args:
@@ -43,7 +50,7 @@ def make_synthetic(out: str = "data/synthetic", seed: int = 0, size: str = "defa
     return str(_make(target, seed=seed, size=size))
 
 
-def convert(src: str, dst: str, format: str = "parquet", overwrite: bool = False) -> list[str]:
+def convert(src: str, dst: str, format: RecordFormat = "parquet", overwrite: bool = False) -> list[str]:
     """Convert an XRec data folder's pickles to a plain format once, so later reads never unpickle.
 
     Args:
@@ -147,6 +154,32 @@ Tools:
 """
 
 
+_NOISE = re.compile(
+    r"^(-\s*)?(Does not validate against|Subtypes:|Errors:|Given value|Expected a <class 'NoneType'>|Problem with)"
+)
+
+
+def argument_error_line(message: str) -> str:
+    """One line from jsonargparse's nested parse error: the option's full key and the innermost complaint.
+
+    ``Parser key "model": ... Parser key "adapter": Expected a typing.Literal['moe', 'linear', 'none']. Got value:
+    moee`` becomes ``--model.adapter: expected one of 'moe', 'linear', 'none', got 'moee'``.
+    """
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    lines = [line for line in lines if not _NOISE.match(line)] or lines[:1] or ["bad arguments"]
+    keys, detail = [], lines[-1]
+    for i, line in enumerate(lines):
+        key = re.match(r'Parser key "([^"]+)":\s*(.*)$', line)
+        if key:
+            keys.append(key.group(1))
+            detail = key.group(2) or (lines[i + 1] if i + 1 < len(lines) else detail)
+    detail = detail.lstrip("- ")
+    choices = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", detail)
+    if choices:
+        detail = f"expected one of {choices.group(1)}, got {choices.group(2)!r}"
+    return f"--{'.'.join(keys)}: {detail}" if keys else detail
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``xrec-pl`` console script."""
     offline_defaults()
@@ -164,12 +197,15 @@ def main(argv: list[str] | None = None) -> int:
 
             # `-c` as in the stage commands (jsonargparse's function CLIs only know `--config`)
             argv = ["--config" if arg == "-c" else arg for arg in argv]
-            CLI(_tool_functions(), args=argv, as_positional=False, prog="xrec-pl")
+            CLI(_tool_functions(), args=argv, as_positional=False, prog="xrec-pl", exit_on_error=False)
         else:
             sys.stderr.write(f"xrec-pl: error: unknown command {argv[0]!r}\n\n{USAGE}")
             return 2
     except CLI_ERRORS as err:
         sys.stderr.write(f"xrec-pl: error: {err}\n")
+        return 2
+    except ArgumentError as err:
+        sys.stderr.write(f"xrec-pl: error: {argument_error_line(str(err))} (see: xrec-pl {argv[0]} --help)\n")
         return 2
     return 0
 

@@ -18,7 +18,7 @@ import netrc
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -67,7 +67,7 @@ class XrecWandbLogger(WandbLogger):
         name: str | None = None,
         entity: str | None = None,
         tags: list[str] | None = None,
-        mode: str = "auto",
+        mode: Literal["auto", "online", "offline", "disabled"] = "auto",
         log_model: bool = True,
         save_dir: str = ".",
         **kwargs: Any,

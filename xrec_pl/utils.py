@@ -12,7 +12,23 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+
+def check_choice(name: str, value: Any, choices: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is one of a ``Literal[...]`` type's values.
+
+    The CLI checks a switch against its ``Literal`` annotation already; this gives Python callers the same guard
+    from the same single list of choices.
+
+    Args:
+        name: what the value is (named in the message).
+        value: the value to check.
+        choices: a ``Literal[...]`` type.
+    """
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, allowed))}")
 
 
 @contextmanager

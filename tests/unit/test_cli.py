@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from jsonargparse import Namespace
 
-from xrec_pl.cli import main
+from xrec_pl.cli import argument_error_line, main
 from xrec_pl.errors import ConfigError
 from xrec_pl.tools.stage_cli import place_run_outputs
 
@@ -82,3 +82,49 @@ def test_damaged_checkpoint_path_is_one_line(tmp_path, capsys, repo_root):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"xrec-pl: error: {junk}: not a readable checkpoint")
     assert junk.read_bytes() == b"PK\x03\x04 not really a checkpoint"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["fit", "-c", "configs/stage2/synthetic.yaml", "--model.adapter=moee"],
+            "--model.adapter: expected one of 'moe', 'linear', 'none', got 'moee'",
+        ),
+        (
+            ["fit", "-c", "configs/stage2/synthetic.yaml", "--model.nosuch=1"],
+            "--model: Option 'nosuch' is not accepted",
+        ),
+        (["make-synthetic", "--size", "huge"], "--size: expected one of 'default', 'tiny', 'smoke', got 'huge'"),
+        (["make-synthetic", "--nope", "1"], "unrecognized arguments: --nope 1"),
+    ],
+    ids=["typo-in-switch", "unknown-model-option", "typo-in-tool-switch", "unknown-tool-option"],
+)
+def test_bad_option_is_one_line_and_exit_2(args, expected, repo_root, monkeypatch, capsys):
+    monkeypatch.chdir(repo_root)
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith(f"xrec-pl: error: {expected}") and len(err.splitlines()) == 1, err
+    assert f"xrec-pl {args[0]} --help" in err
+    assert "usage:" not in captured.out + captured.err
+
+
+def test_help_lists_the_choices_of_a_switch(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.help", "xrec_pl.lit.explainer.ExplainerModule"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "--model.adapter {moe,linear,none}" in out
+    assert "--model.embedding_source {graph,fixed,random,redrawn}" in out
+
+
+def test_argument_error_line_keeps_the_innermost_complaint():
+    message = (
+        'Parser key "model":\n  Does not validate against any of the Union subtypes\n  Errors:\n'
+        "    - Problem with given class_path 'x.Y':\n        Parser key \"decoder\":\n"
+        "          Expected a typing.Literal['compact', 'hf']. Got value: beam\n    - Expected a <class 'NoneType'>\n"
+        "  Given value: NestedArg(key='decoder', val='beam')"
+    )
+    assert argument_error_line(message) == "--model.decoder: expected one of 'compact', 'hf', got 'beam'"
+    assert argument_error_line("unrecognized arguments: --x") == "unrecognized arguments: --x"

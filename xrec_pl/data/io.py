@@ -19,7 +19,7 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,7 @@ import pandas as pd
 from xrec_pl import run_layout
 from xrec_pl.data.pickles import TensorUnpickler, load_with, safe_load_pickle
 from xrec_pl.errors import DataError
-from xrec_pl.utils import atomic_path, atomic_write_text, atomic_write_with, write_jsonl
+from xrec_pl.utils import atomic_path, atomic_write_text, atomic_write_with, check_choice, write_jsonl
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 RECORD_COLUMNS = ("uid", "iid", "title", "user_summary", "item_summary", "explanation")
 TEXT_COLUMNS = RECORD_COLUMNS[2:]
 SPLITS = ("trn", "val", "tst")
+RecordFormat = Literal["parquet", "jsonl"]
 # Preference when a split exists in several formats: plain formats first, the pickle last.
 RECORD_SUFFIXES = (".parquet", ".jsonl", ".pkl")
 
@@ -406,7 +407,7 @@ def _write_compact_json(path: Path, obj: Any) -> None:
 
 
 def convert_folder(
-    src: str | os.PathLike, dst: str | os.PathLike, fmt: str = "parquet", overwrite: bool = False
+    src: str | os.PathLike, dst: str | os.PathLike, fmt: RecordFormat = "parquet", overwrite: bool = False
 ) -> list[Path]:
     """Rewrite an XRec folder so that reading it needs no unpickling.
 
@@ -430,8 +431,7 @@ def convert_folder(
     Raises:
         DataError: bad or unsafe input, or a destination file exists and ``overwrite`` is False.
     """
-    if fmt not in ("parquet", "jsonl"):
-        raise ValueError(f"fmt must be 'parquet' or 'jsonl', got {fmt!r}")
+    check_choice("fmt", fmt, RecordFormat)
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise DataError(f"{src}: not a folder")

@@ -35,15 +35,16 @@ that generation is given; joint tokenisation could merge tokens across the promp
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from xrec_pl.errors import DataError
+from xrec_pl.utils import check_choice
 
-__all__ = ["IGNORE_INDEX", "PROMPT_STYLES", "DOMAINS", "PromptBuilder"]
+__all__ = ["IGNORE_INDEX", "PromptStyle", "Domain", "PromptBuilder"]
 
 IGNORE_INDEX = -100
-PROMPT_STYLES = ("chat", "xrec")
-DOMAINS = ("books", "business")
+PromptStyle = Literal["chat", "xrec"]
+Domain = Literal["books", "business"]
 USER_TOKEN = "<USER_EMBED>"
 ITEM_TOKEN = "<ITEM_EMBED>"
 
@@ -82,12 +83,15 @@ class PromptBuilder:
     """
 
     def __init__(
-        self, tokenizer: Any, style: str = "chat", domain: str = "books", profiles: bool = True, max_length: int = 1024
+        self,
+        tokenizer: Any,
+        style: PromptStyle = "chat",
+        domain: Domain = "books",
+        profiles: bool = True,
+        max_length: int = 1024,
     ) -> None:
-        if style not in PROMPT_STYLES:
-            raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
-        if domain not in DOMAINS:
-            raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
+        check_choice("prompt style", style, PromptStyle)
+        check_choice("domain", domain, Domain)
         if max_length < 8:
             raise ValueError(f"max_length must be at least 8, got {max_length}")
         self.tokenizer = tokenizer

@@ -31,6 +31,7 @@ import os
 import pickle
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -129,6 +130,7 @@ class SyntheticConfig:
     tone_weight: float = 0.7
 
 
+SyntheticSize = Literal["default", "tiny", "smoke"]
 PRESETS = {
     "default": SyntheticConfig(),
     "tiny": SyntheticConfig(
@@ -295,7 +297,7 @@ def _readme(cfg: SyntheticConfig, seed: int, size: str, counts: dict) -> str:
 def make_synthetic(
     out_dir: str | os.PathLike,
     seed: int = 0,
-    size: str = "default",
+    size: SyntheticSize = "default",
     *,
     num_users: int | None = None,
     num_items: int | None = None,

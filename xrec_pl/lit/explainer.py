@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -48,15 +48,17 @@ from xrec_pl.data.io import load_embeddings
 from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.data.sampler import epoch_seed
 from xrec_pl.errors import DataError, LLMLoadError
-from xrec_pl.models.adapters import build_adapter
+from xrec_pl.models.adapters import AdapterKind, build_adapter
 from xrec_pl.models.decoding import greedy_generate
-from xrec_pl.models.injection import EmbeddingInjector
+from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
 from xrec_pl.models.llm import get_llm_info, load_frozen_llm
-from xrec_pl.utils import write_jsonl
+from xrec_pl.utils import check_choice, write_jsonl
 
-__all__ = ["EMBEDDING_SOURCES", "ExplainerModule"]
+__all__ = ["Decoder", "EmbeddingSource", "ExplainerModule", "OptimizerName"]
 
-EMBEDDING_SOURCES = ("graph", "fixed", "random", "redrawn")
+EmbeddingSource = Literal["graph", "fixed", "random", "redrawn"]
+OptimizerName = Literal["adamw", "adam"]
+Decoder = Literal["compact", "hf"]
 CHECKPOINT_KEY = "xrec_explainer"
 
 
@@ -106,37 +108,35 @@ class ExplainerModule(pl.LightningModule):
         self,
         llm: str = "embedded",
         llm_dtype: str = "auto",
-        adapter: str = "moe",
+        adapter: AdapterKind = "moe",
         num_experts: int = 8,
         adapter_dropout: float = 0.2,
-        injection: str = "layers",
-        embedding_source: str = "graph",
+        injection: InjectionMode = "layers",
+        embedding_source: EmbeddingSource = "graph",
         embeddings_path: str | None = None,
         graph_dim: int = 64,
         num_users: int | None = None,
         num_items: int | None = None,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
-        optimizer: str = "adamw",
+        optimizer: OptimizerName = "adamw",
         warmup_steps: int = 0,
         max_new_tokens: int = 128,
-        decoder: str = "compact",
+        decoder: Decoder = "compact",
         gradient_checkpointing: bool = False,
         predictions_file: str = run_layout.PREDICTIONS,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if adapter not in ("moe", "linear", "none"):
-            raise ValueError(f"adapter must be 'moe', 'linear' or 'none', got {adapter!r}")
-        if injection not in ("layers", "input", "none"):
-            raise ValueError(f"injection must be 'layers', 'input' or 'none', got {injection!r}")
-        if embedding_source not in EMBEDDING_SOURCES:
-            raise ValueError(f"embedding_source must be one of {EMBEDDING_SOURCES}, got {embedding_source!r}")
-        if decoder not in ("compact", "hf"):
-            raise ValueError(f"decoder must be 'compact' or 'hf', got {decoder!r}")
-        if optimizer not in ("adamw", "adam"):
-            raise ValueError(f"optimizer must be 'adamw' or 'adam', got {optimizer!r}")
+        for name, value, choices in (
+            ("adapter", adapter, AdapterKind),
+            ("injection", injection, InjectionMode),
+            ("embedding_source", embedding_source, EmbeddingSource),
+            ("decoder", decoder, Decoder),
+            ("optimizer", optimizer, OptimizerName),
+        ):
+            check_choice(name, value, choices)
         if embedding_source == "graph" and not embeddings_path:
             raise ValueError("embedding_source='graph' needs embeddings_path (stage 1's embeddings.safetensors)")
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint validates them

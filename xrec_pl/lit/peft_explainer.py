@@ -26,19 +26,20 @@ own dropout follows the module's train/eval mode while the frozen LLM stays in e
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from xrec_pl import run_layout
-from xrec_pl.lit.explainer import CHECKPOINT_KEY, ExplainerModule
+from xrec_pl.lit.explainer import CHECKPOINT_KEY, Decoder, ExplainerModule, OptimizerName
+from xrec_pl.utils import check_choice
 
-__all__ = ["PEFT_METHODS", "PeftExplainerModule"]
+__all__ = ["PeftExplainerModule", "PeftMethod", "PromptInit"]
 
-PEFT_METHODS = ("lora", "prompt_tuning")
-PROMPT_INITS = ("vocab", "text", "random")
+PeftMethod = Literal["lora", "prompt_tuning"]
+PromptInit = Literal["vocab", "text", "random"]
 _IDENTITY_KEYS = ("method", "lora_r", "lora_alpha", "target_modules", "num_virtual_tokens")
 # What this class fixes in the explainer: nothing injected, no graph file, no per-id tables.
 _EXPLAINER_FIXED = {"adapter": "none", "injection": "none", "embedding_source": "fixed", "embeddings_path": None}
@@ -73,7 +74,7 @@ class PeftExplainerModule(ExplainerModule):
 
     def __init__(
         self,
-        method: str = "lora",
+        method: PeftMethod = "lora",
         llm: str = "embedded",
         llm_dtype: str = "auto",
         lora_r: int = 8,
@@ -81,22 +82,20 @@ class PeftExplainerModule(ExplainerModule):
         lora_dropout: float = 0.05,
         target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
         num_virtual_tokens: int = 20,
-        prompt_init: str = "vocab",
+        prompt_init: PromptInit = "vocab",
         prompt_init_text: str = "Explain why the user would enjoy the item.",
         lr: float = 1e-4,
         weight_decay: float = 0.0,
-        optimizer: str = "adamw",
+        optimizer: OptimizerName = "adamw",
         warmup_steps: int = 0,
         max_new_tokens: int = 128,
-        decoder: str = "compact",
+        decoder: Decoder = "compact",
         gradient_checkpointing: bool = False,
         predictions_file: str = run_layout.PREDICTIONS,
         seed: int = 0,
     ) -> None:
-        if method not in PEFT_METHODS:
-            raise ValueError(f"method must be one of {PEFT_METHODS}, got {method!r}")
-        if prompt_init not in PROMPT_INITS:
-            raise ValueError(f"prompt_init must be one of {PROMPT_INITS}, got {prompt_init!r}")
+        check_choice("method", method, PeftMethod)
+        check_choice("prompt_init", prompt_init, PromptInit)
         super().__init__(
             llm=llm,
             llm_dtype=llm_dtype,

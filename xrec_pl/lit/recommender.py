@@ -12,6 +12,7 @@ from torch import Tensor
 from xrec_pl.data.graph import ItemSets
 from xrec_pl.data.ranking import rank_metrics
 from xrec_pl.models.lightgcn import LightGCN, bpr_loss
+from xrec_pl.utils import check_choice
 
 __all__ = ["LightGCNModule"]
 
@@ -63,8 +64,7 @@ class LightGCNModule(pl.LightningModule):
         fused_adam: bool = True,
     ) -> None:
         super().__init__()
-        if reg_on not in ("ego", "final"):
-            raise ValueError(f"reg_on must be 'ego' or 'final', got {reg_on!r}")
+        check_choice("reg_on", reg_on, Literal["ego", "final"])
         self.save_hyperparameters()
         self.ks = tuple(int(k) for k in ks)
         self.model: LightGCN | None = None

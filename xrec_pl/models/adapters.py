@@ -11,12 +11,15 @@ Torch only: importing this module does not import transformers.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ADAPTER_KINDS = ("moe", "linear", "none")
+from xrec_pl.utils import check_choice
+
+AdapterKind = Literal["moe", "linear", "none"]
 
 
 class MoEAdapter(nn.Module):
@@ -130,7 +133,7 @@ class LinearAdapter(nn.Module):
         return f"in_dim={self.in_dim}, out_dim={self.out_dim}"
 
 
-def build_adapter(kind: str, in_dim: int, out_dim: int, **kwargs) -> nn.Module | None:
+def build_adapter(kind: AdapterKind, in_dim: int, out_dim: int, **kwargs) -> nn.Module | None:
     """Build an adapter by name.
 
     Args:
@@ -144,15 +147,14 @@ def build_adapter(kind: str, in_dim: int, out_dim: int, **kwargs) -> nn.Module |
         The adapter module, or ``None`` for ``"none"``.
     """
     kind = kind.lower()
+    check_choice("adapter", kind, AdapterKind)
     if kind == "moe":
         return MoEAdapter(in_dim, out_dim, **kwargs)
     if kwargs:
         raise ValueError(f"adapter {kind!r} takes no options, got {sorted(kwargs)}")
     if kind == "linear":
         return LinearAdapter(in_dim, out_dim)
-    if kind == "none":
-        return None
-    raise ValueError(f"unknown adapter {kind!r}; choose one of {', '.join(ADAPTER_KINDS)}")
+    return None  # "none"
 
 
 def count_parameters(module: nn.Module | None) -> int:

@@ -27,13 +27,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-INJECTION_MODES = ("layers", "input", "none")
+from xrec_pl.utils import check_choice
+
+InjectionMode = Literal["layers", "input", "none"]
 
 
 @dataclass(frozen=True)
@@ -106,9 +109,8 @@ class EmbeddingInjector:
             out = llm.generate(input_ids, attention_mask=mask, max_new_tokens=128)
     """
 
-    def __init__(self, llm: nn.Module, mode: str = "layers") -> None:
-        if mode not in INJECTION_MODES:
-            raise ValueError(f"unknown injection mode {mode!r}; choose one of {', '.join(INJECTION_MODES)}")
+    def __init__(self, llm: nn.Module, mode: InjectionMode = "layers") -> None:
+        check_choice("injection mode", mode, InjectionMode)
         self.llm = llm
         self.mode = mode
         self.embedding: nn.Module = llm.get_input_embeddings()

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from xrec_pl import run_layout
+from xrec_pl.data.synthetic import SyntheticSize
 from xrec_pl.errors import ConfigError
 from xrec_pl.utils import atomic_write_text, dump_json
 
@@ -69,7 +70,7 @@ class Suite:
     stage1_config: str
     stage2_config: str
     data_dir: str | None = None
-    synthetic_size: str = "default"
+    synthetic_size: SyntheticSize = "default"
     stage1_args: list[str] = field(default_factory=list)
     stage2_args: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=lambda: ["usr", "bertscore"])
@@ -151,7 +152,7 @@ def experiment(
     stage1_config: str = "configs/stage1/synthetic.yaml",
     stage2_config: str = "configs/stage2/synthetic.yaml",
     data_dir: str | None = None,
-    synthetic_size: str = "default",
+    synthetic_size: SyntheticSize = "default",
     stage1_args: list[str] | None = None,
     stage2_args: list[str] | None = None,
     metrics: list[str] | None = None,

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from xrec_pl import run_layout
+from xrec_pl.data.synthetic import SyntheticSize
 from xrec_pl.errors import ConfigError
 from xrec_pl.utils import dump_json
 
@@ -101,7 +102,7 @@ def pipeline(
     embeddings: str | None = None,
     train_stage2: bool = True,
     metrics: list[str] | None = None,
-    synthetic_size: str = "default",
+    synthetic_size: SyntheticSize = "default",
     seed: int = 0,
     show: int = 3,
 ) -> dict[str, Any]:

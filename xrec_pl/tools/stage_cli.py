@@ -101,7 +101,8 @@ class XrecCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", XrecSaveConfig)
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"prog": "xrec-pl"})
+        # a bad option raises ArgumentError (xrec_pl.cli prints it as one line) instead of printing the whole usage
+        kwargs.setdefault("parser_kwargs", {"prog": "xrec-pl", "exit_on_error": False})
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
