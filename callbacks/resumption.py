@@ -34,6 +34,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from xrec_pl import run_layout
 from xrec_pl.errors import DataError
+from xrec_pl.lit.checkpoint import state_mismatch
 
 
 def capture_rng() -> dict[str, Any]:
@@ -284,7 +285,13 @@ class CheckpointCheck(pl.Callback):
         if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
             raise DataError(f"{path}: not a Lightning checkpoint (no state_dict)")
         if getattr(pl_module, "strict_loading", True):
-            _check_state_dict(path, checkpoint["state_dict"], pl_module.state_dict())
+            problem = state_mismatch(checkpoint["state_dict"], pl_module.state_dict(), limit=3)
+            if problem and problem.startswith("missing"):
+                raise DataError(
+                    f"{path}: weights of another model ({problem}); was it written by another stage or configuration?"
+                )
+            if problem:
+                raise DataError(f"{path}: {problem}")
         if stage != "fit":
             return
         changes = _changed(
@@ -327,20 +334,6 @@ class _CheckedIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.inner.teardown()
-
-
-def _check_state_dict(path: Any, saved: Mapping[str, Any], mine: Mapping[str, Any]) -> None:
-    missing, unexpected = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
-    if missing or unexpected:
-        raise DataError(
-            f"{path}: weights of another model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-            "was it written by another stage or configuration?"
-        )
-    for key, value in saved.items():
-        if hasattr(value, "shape") and tuple(value.shape) != tuple(mine[key].shape):
-            raise DataError(
-                f"{path}: {key} has shape {tuple(value.shape)}, this model expects {tuple(mine[key].shape)}"
-            )
 
 
 def _plain(value: Any) -> Any:

@@ -48,6 +48,7 @@ from xrec_pl.data.io import load_embeddings
 from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.data.sampler import epoch_seed
 from xrec_pl.errors import DataError, LLMLoadError
+from xrec_pl.lit.checkpoint import check_identity, state_mismatch, trainable_keys, trainable_state
 from xrec_pl.models.adapters import AdapterKind, build_adapter
 from xrec_pl.models.decoding import greedy_generate
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
@@ -515,9 +516,6 @@ class ExplainerModule(pl.LightningModule):
         return self
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _trainable_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
-
     def _identity(self) -> dict[str, Any]:
         hp = self.hparams
         return {
@@ -530,8 +528,7 @@ class ExplainerModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter weights (never the frozen LLM) and record what they were trained with."""
-        keep = self._trainable_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["state_dict"] = trainable_state(checkpoint["state_dict"], self)
         checkpoint[CHECKPOINT_KEY] = self._identity()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -552,23 +549,8 @@ class ExplainerModule(pl.LightningModule):
         if saved is None:
             raise ValueError("not an ExplainerModule checkpoint (no LLM/adapter identity stored)")
         self.llm_info.check_matches(saved["llm"], what="checkpoint")
-        mine = self._identity()
-        for key in ("adapter", "injection", "graph_dim", "num_experts"):
-            if saved.get(key) != mine[key]:
-                raise ValueError(
-                    f"checkpoint was trained with {key}={saved.get(key)!r}, this module is configured with "
-                    f"{key}={mine[key]!r}"
-                )
-        got = set(checkpoint.get("state_dict", {}))
-        expected = self._trainable_keys()
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint adapter weights do not match this module: missing {missing[:5]}"
-                f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
-        for key in expected:
-            want = self.get_parameter(key).shape
-            have = checkpoint["state_dict"][key].shape
-            if have != want:
-                raise ValueError(f"checkpoint tensor {key} has shape {tuple(have)}, this module expects {tuple(want)}")
+        check_identity(saved, self._identity(), ("adapter", "injection", "graph_dim", "num_experts"))
+        expected = {key: self.get_parameter(key) for key in trainable_keys(self)}
+        problem = state_mismatch(checkpoint.get("state_dict", {}), expected)
+        if problem:
+            raise ValueError(f"checkpoint adapter weights do not match this module: {problem}")

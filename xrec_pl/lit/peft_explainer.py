@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from xrec_pl import run_layout
+from xrec_pl.lit.checkpoint import check_identity
 from xrec_pl.lit.explainer import CHECKPOINT_KEY, Decoder, ExplainerModule, OptimizerName
 from xrec_pl.utils import check_choice
 
@@ -264,11 +265,5 @@ class PeftExplainerModule(ExplainerModule):
         """Refuse checkpoints of another method or peft shape, then validate keys/shapes as the explainer does."""
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is not None:
-            mine = self._identity()
-            for key in _IDENTITY_KEYS:
-                if saved.get(key) != mine[key]:
-                    raise ValueError(
-                        f"checkpoint was trained with {key}={saved.get(key)!r}, this module is configured with "
-                        f"{key}={mine[key]!r}"
-                    )
+            check_identity(saved, self._identity(), _IDENTITY_KEYS)
         super().on_load_checkpoint(checkpoint)
