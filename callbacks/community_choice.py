@@ -59,7 +59,7 @@ def _swap(text: str, old: str, new: str) -> str:
 def sequence_nll(module: Any, batch: dict[str, Any]) -> Tensor:
     """Summed negative log-likelihood of each row's labelled tokens ``(B,)``, with the row's injection."""
     batch = {k: (v.to(module.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-    with module._injecting(batch):
+    with module.injecting_batch(batch):
         nll, rows = module.token_nll(batch)  # (N,), (N,)
     return torch.zeros(batch["labels"].shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
 

@@ -65,7 +65,7 @@ def test_reference_injection_equals_ours(synthetic_dir):
     }
     module.eval()
     with torch.no_grad():
-        with module._injecting(batch):
+        with module.injecting_batch(batch):
             ours = module.lm_loss(batch)
         user_vec, item_vec = module.graph_vectors(batch["user_id"], batch["item_id"])
         with stage2._InPlaceInjector(module.llm) as inj:

@@ -20,7 +20,7 @@ def test_sequence_nll_sums_to_the_training_loss(synthetic_dir, emb_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     per_row = sequence_nll(module, batch)
-    with torch.no_grad(), module._injecting(batch):
+    with torch.no_grad(), module.injecting_batch(batch):
         total = module.lm_loss(batch, reduction="sum")
     assert per_row.shape == (4,)
     torch.testing.assert_close(per_row.sum(), total, rtol=1e-5, atol=1e-4)

@@ -10,6 +10,7 @@ import torch
 
 from data_modules.explanations import ExplanationDataModule
 from tests.helpers import quiet_trainer
+from tests.oracles import full_logits_loss
 from xrec_pl.data.io import save_embeddings
 from xrec_pl.errors import DataError, LLMLoadError
 from xrec_pl.lit.explainer import ExplainerModule
@@ -142,9 +143,9 @@ def test_generate_batched_equals_one_by_one(synthetic_dir, emb_path):
 def test_gathered_loss_equals_full_logits_loss(synthetic_dir, emb_path):
     module = make(emb_path).eval()
     _, batch = train_batch(module, synthetic_dir)
-    with module._injecting(batch):
+    with module.injecting_batch(batch):
         gathered = module.lm_loss(batch)
-        full = module.full_logits_loss(batch)
+        full = full_logits_loss(module, batch)
     torch.testing.assert_close(gathered, full, rtol=1e-5, atol=1e-5)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from data_modules.explanations import ExplanationDataModule
 from tests.helpers import quiet_trainer
+from tests.oracles import full_logits_loss, greedy_uncached
 from xrec_pl.lit.peft_explainer import PeftExplainerModule
 
 METHODS = ["lora", "prompt_tuning"]
@@ -114,7 +115,7 @@ def test_gathered_loss_equals_peft_forward_loss(synthetic_dir, method):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     # full_logits_loss goes through PeftModelForCausalLM.forward, which prepends the virtual tokens itself
-    torch.testing.assert_close(module.lm_loss(batch), module.full_logits_loss(batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.lm_loss(batch), full_logits_loss(module, batch), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -128,13 +129,13 @@ def test_cached_generation_equals_uncached_greedy(synthetic_dir, method):
     config = GenerationConfig(
         max_new_tokens=10,
         do_sample=False,
-        eos_token_id=module._stop_ids(),
+        eos_token_id=module.stop_ids(),
         pad_token_id=module.tokenizer.pad_token_id,
         suppress_tokens=sorted(set(module.llm_info.reserved_token_ids.values())),
     )
     with torch.no_grad():
         cached = module.generate_tokens(batch["input_ids"], batch["attention_mask"], config)
-    uncached = module.greedy_uncached(batch, max_new_tokens=10)
+    uncached = greedy_uncached(module, batch, max_new_tokens=10)
     assert cached.shape == (5, 10)
     assert torch.equal(cached, uncached), (cached, uncached)
     assert len({tuple(row) for row in cached.tolist()}) == 5 and len(set(cached[0].tolist())) > 3  # not degenerate

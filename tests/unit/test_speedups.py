@@ -37,7 +37,7 @@ def setup(synthetic_dir):
 
 def _loss(module, batch, autocast: bool = False):
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with module._injecting(batch), ctx:
+    with module.injecting_batch(batch), ctx:
         return module.lm_loss(batch)
 
 
@@ -103,7 +103,7 @@ def test_right_padding_drops_the_mask_exactly(setup):
     left = mask.flip(1)
     assert _causal_suffices(left) is left  # left padding keeps its mask
     decoder = module.llm.get_decoder()
-    with torch.no_grad(), module._injecting(batch):
+    with torch.no_grad(), module.injecting_batch(batch):
         fast = module.lm_hidden_states(batch)  # (B, T, H), no mask passed
         masked = decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
     real = mask.bool()

@@ -256,7 +256,8 @@ class ExplainerModule(pl.LightningModule):
         positions = torch.stack([batch["user_pos"], batch["item_pos"]], dim=1)  # (B, 2)
         return positions, vectors
 
-    def _injecting(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
+    def injecting_batch(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """Context in which the LLM's forward injects this batch's adapted graph vectors (no-op without adapters)."""
         inj = self._injection(batch)
         return contextlib.nullcontext() if inj is None else self.injector.injecting(*inj)
 
@@ -293,16 +294,6 @@ class ExplainerModule(pl.LightningModule):
             input_ids=batch["input_ids"], attention_mask=_causal_suffices(batch["attention_mask"]), use_cache=False
         ).last_hidden_state
 
-    def full_logits_loss(self, batch: dict[str, Any]) -> Tensor:
-        """The same loss through the model's own full-logits path (reference for tests)."""
-        out = self.llm(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            use_cache=False,
-        )
-        return out.loss
-
     # ------------------------------------------------------------------------------------------ steps
     @property
     def trains_anything(self) -> bool:
@@ -325,7 +316,7 @@ class ExplainerModule(pl.LightningModule):
 
     def _eval_loss(self, batch: dict[str, Any], key: str) -> Tensor:
         # summed over tokens here, divided by the token count of the whole split (all ranks) at the epoch end
-        with self._injecting(batch):
+        with self.injecting_batch(batch):
             total = self.lm_loss(batch, reduction="sum")
         tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self._eval_totals = self._eval_totals + torch.stack(
@@ -362,7 +353,8 @@ class ExplainerModule(pl.LightningModule):
         self._eval_end("test/loss")
 
     # ------------------------------------------------------------------------------------------ generation
-    def _stop_ids(self) -> list[int]:
+    def stop_ids(self) -> list[int]:
+        """The token ids that end an explanation: the tokenizer's EOS and the generation config's."""
         ids = {int(self.tokenizer.eos_token_id)}
         extra = getattr(self.llm.generation_config, "eos_token_id", None)
         if extra is not None:
@@ -394,7 +386,7 @@ class ExplainerModule(pl.LightningModule):
             max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
             do_sample=False,
             num_beams=1,
-            eos_token_id=self._stop_ids(),
+            eos_token_id=self.stop_ids(),
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
             # the reserved tokens and the added pad token have untrained rows in a tied LM head: never emit them
@@ -405,7 +397,7 @@ class ExplainerModule(pl.LightningModule):
         for m in adapters:
             m.eval()  # no dropout, no gate noise while generating
         try:
-            with self._injecting(batch):
+            with self.injecting_batch(batch):
                 new_tokens = self.generate_tokens(input_ids, attention_mask, config)  # (B, <= max_new_tokens)
         finally:
             for m, mode in zip(adapters, modes):

@@ -12,7 +12,7 @@ The same frozen LLM, the same prompt and the same training/generation/checkpoint
   tokens after the first one for prompt tuning. Generation runs the *base* model's ``generate()`` on those
   embeddings with the KV cache; positions come from the attention mask, so a left-padded row reads
   ``[virtual tokens][padding][prompt]`` with the prompt at positions ``P..``, as in training. Tests compare it with
-  :meth:`greedy_uncached` (no cache, the whole sequence recomputed at each step) and the loss with peft's own forward.
+  ``tests/oracles.greedy_uncached`` (no cache, the whole sequence recomputed at each step) and the loss with peft's own forward.
 
 The prompt text is exactly the explainer's (DESIGN §1), reserved tokens included: ``<USER_EMBED>``/``<ITEM_EMBED>``
 stay in the text with their new, untrained embeddings (the mean of the vocabulary rows), as in the ``no_injection``
@@ -207,34 +207,6 @@ class PeftExplainerModule(ExplainerModule):
             return self.greedy(base, config, mask, inputs_embeds=embeds)
         # generating from inputs_embeds alone returns only the new tokens (B, N)
         return base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
-
-    @torch.no_grad()
-    def greedy_uncached(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> Tensor:
-        """Reference greedy decode without a KV cache: the whole sequence is recomputed at every step.
-
-        Same rules as :meth:`generate_explanations` (reserved/pad tokens suppressed, a row stops at EOS and is then
-        padded with the pad token, positions from the attention mask). Returns the new tokens ``(B, N)``.
-        """
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        base = self.llm.get_base_model()
-        stop = torch.tensor(self._stop_ids(), device=self.device)
-        banned = sorted(set(self.llm_info.reserved_token_ids.values()))
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
-        steps: list[Tensor] = []
-        for _ in range(max_new_tokens or self.hparams.max_new_tokens):
-            embeds, full_mask = self.with_virtual_tokens(ids, mask)
-            positions = (full_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
-            out = base(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, use_cache=False)
-            logits = out.logits[:, -1].float()  # (B, V)
-            logits[:, banned] = float("-inf")
-            token = torch.where(done, self.tokenizer.pad_token_id, logits.argmax(-1))  # (B,)
-            steps.append(token)
-            done |= torch.isin(token, stop)
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            if bool(done.all()):
-                break
-        return torch.stack(steps, dim=1)
 
     # ------------------------------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> PeftExplainerModule:

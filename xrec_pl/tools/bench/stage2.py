@@ -131,6 +131,13 @@ def _random_llm(kind: str, device: str) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
+def _full_logits_loss(llm: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """The reference-style loss: the model's own forward with labels (full-vocabulary logits at every position)."""
+    return llm(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+    ).loss
+
+
 @contextlib.contextmanager
 def _patched_loader(llm: str, device: str):
     """Let ``ExplainerModule(llm="random-*")`` build the random model (this bench only)."""
@@ -251,7 +258,7 @@ def _reference_generate(module, builder, records: list[dict], max_new_tokens: in
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
-        eos_token_id=module._stop_ids(),
+        eos_token_id=module.stop_ids(),
         pad_token_id=module.tokenizer.pad_token_id,
         suppress_tokens=sorted(set(module.llm_info.reserved_token_ids.values())),
     )
@@ -446,8 +453,8 @@ def _bench_ablation(module, dm, records, opts: dict[str, Any]) -> dict[str, Any]
         module.llm.set_attn_implementation(attn)
         ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         for b in batches:
-            with module._injecting(b), ctx:
-                loss = module.full_logits_loss(b) if full_logits else module.lm_loss(b)
+            with module.injecting_batch(b), ctx:
+                loss = _full_logits_loss(module.llm, b) if full_logits else module.lm_loss(b)
             loss.backward()
         module.zero_grad(set_to_none=True)
 
@@ -519,7 +526,7 @@ def _mfu(llm: nn.Module, flops_per_param: float, ref_s: float, ours_s: float) ->
 
 def _bench_generation(module, dm, records, rows, opts: dict[str, Any]) -> dict[str, Any]:
     device, bs, max_new = opts["device"], opts["gen_batch_size"], opts["max_new_tokens"]
-    stops = set(module._stop_ids())
+    stops = set(module.stop_ids())
     builder = dm.builder
     prompt_tokens = sum(len(builder.encode_prompt(r)["input_ids"]) for r in records)
     _reference_generate(module, builder, records[:1], max_new, device)  # warm-up
