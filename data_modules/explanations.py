@@ -37,8 +37,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from xrec_pl.data.io import read_para_dict, read_records
 from xrec_pl.data.prompts import IGNORE_INDEX, Domain, PromptBuilder, PromptStyle
-from xrec_pl.data.sampler import ResumableDataLoader, ResumableSampler, epoch_seed
-from xrec_pl.utils import check_choice
+from xrec_pl.data.sampler import ResumableDataLoader, ResumableSampler
+from xrec_pl.utils import check_choice, epoch_seed
 
 __all__ = ["BucketSampler", "ExplanationDataModule", "PadCollator"]
 

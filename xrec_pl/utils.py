@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes and JSON dumps.
+"""Small shared helpers: atomic file writes, JSON dumps, seeds and choice checks.
 
 Every file xrec-pl writes goes through these so that a crash never leaves a half-written file where a
 complete one is expected: the data goes to a temporary file in the same folder, which is then renamed.
@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, get_args
+
+import numpy
 
 
 def check_choice(name: str, value: Any, choices: Any) -> None:
@@ -89,3 +91,12 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
     """Write one JSON object per line, atomically."""
     text = "".join(json.dumps(row, ensure_ascii=False, default=_to_jsonable) + "\n" for row in rows)
     return atomic_write_text(path, text)
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A 63-bit seed derived from ``(seed, epoch, stream)``; distinct tuples give unrelated streams.
+
+    ``seed + epoch`` (what ``DistributedSampler`` uses) makes ``(seed=0, epoch=1)`` equal ``(seed=1, epoch=0)``.
+    """
+    state = numpy.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(2, dtype=numpy.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))

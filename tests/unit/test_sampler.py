@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from xrec_pl.data.sampler import ResumableDataLoader, ResumableSampler, epoch_seed
+from xrec_pl.data.sampler import ResumableDataLoader, ResumableSampler
+from xrec_pl.utils import epoch_seed
 
 
 class _Range(Dataset):

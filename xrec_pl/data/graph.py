@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import torch
 
-from xrec_pl.data.sampler import epoch_seed
+from xrec_pl.utils import epoch_seed
 
 __all__ = [
     "ItemSets",

@@ -36,21 +36,13 @@ import warnings
 from collections.abc import Iterator, Sized
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["ResumableDataLoader", "ResumableSampler", "epoch_seed"]
+from xrec_pl.utils import epoch_seed
 
-
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """A 63-bit seed derived from ``(seed, epoch, stream)``; distinct tuples give unrelated streams.
-
-    ``seed + epoch`` (what ``DistributedSampler`` uses) makes ``(seed=0, epoch=1)`` equal ``(seed=1, epoch=0)``.
-    """
-    state = np.random.SeedSequence([int(seed), int(epoch), int(stream)]).generate_state(2, dtype=np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
+__all__ = ["ResumableDataLoader", "ResumableSampler"]
 
 
 def _dist_info() -> tuple[int, int]:

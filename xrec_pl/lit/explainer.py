@@ -46,18 +46,17 @@ from torch import Tensor, nn
 from xrec_pl import run_layout
 from xrec_pl.data.io import load_embeddings
 from xrec_pl.data.prompts import IGNORE_INDEX
-from xrec_pl.data.sampler import epoch_seed
 from xrec_pl.errors import DataError, LLMLoadError
 from xrec_pl.lit.checkpoint import check_identity, state_mismatch, trainable_keys, trainable_state
 from xrec_pl.models.adapters import AdapterKind, build_adapter
 from xrec_pl.models.decoding import greedy_generate
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
 from xrec_pl.models.llm import get_llm_info, load_frozen_llm
+from xrec_pl.models.sources import EmbeddingSource, EmbeddingSourceKind
 from xrec_pl.utils import check_choice, write_jsonl
 
-__all__ = ["Decoder", "EmbeddingSource", "ExplainerModule", "OptimizerName"]
+__all__ = ["Decoder", "ExplainerModule", "OptimizerName"]
 
-EmbeddingSource = Literal["graph", "fixed", "random", "redrawn"]
 OptimizerName = Literal["adamw", "adam"]
 Decoder = Literal["compact", "hf"]
 CHECKPOINT_KEY = "xrec_explainer"
@@ -113,7 +112,7 @@ class ExplainerModule(pl.LightningModule):
         num_experts: int = 8,
         adapter_dropout: float = 0.2,
         injection: InjectionMode = "layers",
-        embedding_source: EmbeddingSource = "graph",
+        embedding_source: EmbeddingSourceKind = "graph",
         embeddings_path: str | None = None,
         graph_dim: int = 64,
         num_users: int | None = None,
@@ -133,7 +132,7 @@ class ExplainerModule(pl.LightningModule):
         for name, value, choices in (
             ("adapter", adapter, AdapterKind),
             ("injection", injection, InjectionMode),
-            ("embedding_source", embedding_source, EmbeddingSource),
+            ("embedding_source", embedding_source, EmbeddingSourceKind),
             ("decoder", decoder, Decoder),
             ("optimizer", optimizer, OptimizerName),
         ):
@@ -149,10 +148,9 @@ class ExplainerModule(pl.LightningModule):
         self.llm_info = get_llm_info(self.llm)
         hidden = self.llm_info.hidden_size
 
-        self.num_users = num_users
-        self.num_items = num_items
-        self._embedding_scale = 1.0
-        self._init_embeddings()
+        user, item = self._load_tables(num_users, num_items) if embeddings_path else (None, None)
+        self.source = EmbeddingSource(embedding_source, graph_dim, seed, user, item, num_users, num_items)
+        self.num_users, self.num_items = self.source.num_users, self.source.num_items
 
         trains = adapter != "none" and injection != "none"
         if trains:
@@ -172,46 +170,21 @@ class ExplainerModule(pl.LightningModule):
         self._eval_totals = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count) of the running eval epoch
 
     # ------------------------------------------------------------------------------------------ embeddings
-    def _init_embeddings(self) -> None:
+    def _load_tables(self, num_users: int | None, num_items: int | None) -> tuple[Tensor, Tensor]:
         hp = self.hparams
-        user = item = None
-        if hp.embeddings_path:
-            user, item = load_embeddings(hp.embeddings_path)
-            for name, table, expected in (("user", user, self.num_users), ("item", item, self.num_items)):
-                if table.shape[1] != hp.graph_dim:
-                    raise DataError(
-                        f"{hp.embeddings_path}: {name} embeddings are {table.shape[1]}-d but graph_dim="
-                        f"{hp.graph_dim}; set model.graph_dim to {table.shape[1]}"
-                    )
-                if expected is not None and table.shape[0] != expected:
-                    raise DataError(
-                        f"{hp.embeddings_path}: the {name} table has {table.shape[0]} rows but the dataset has "
-                        f"{expected} {name}s; were these embeddings trained on another dataset?"
-                    )
-            self._embedding_scale = float(torch.cat([user.flatten(), item.flatten()]).std())
-        if hp.embedding_source == "graph":
-            self.num_users, self.num_items = user.shape[0], item.shape[0]
-            self.register_buffer("user_table", user, persistent=False)  # (U, D), never checkpointed
-            self.register_buffer("item_table", item, persistent=False)  # (I, D)
-        elif hp.embedding_source == "fixed":
-            self.register_buffer("user_table", self._draw(1, stream=1), persistent=False)  # (1, D)
-            self.register_buffer("item_table", self._draw(1, stream=2), persistent=False)  # (1, D)
-        else:  # random: sized now or in setup(); redrawn: nothing stored
-            self.register_buffer("user_table", None, persistent=False)
-            self.register_buffer("item_table", None, persistent=False)
-            if hp.embedding_source == "random":
-                self._build_random_tables()
-
-    def _draw(self, rows: int, stream: int) -> Tensor:
-        g = torch.Generator().manual_seed(epoch_seed(self.hparams.seed, 0, stream=stream))
-        return torch.randn(rows, self.hparams.graph_dim, generator=g) * self._embedding_scale
-
-    def _build_random_tables(self) -> None:
-        if self.num_users is None or self.num_items is None or self.user_table is not None:
-            return
-        device = next(self.llm.parameters()).device
-        self.register_buffer("user_table", self._draw(self.num_users, stream=3).to(device), persistent=False)
-        self.register_buffer("item_table", self._draw(self.num_items, stream=4).to(device), persistent=False)
+        user, item = load_embeddings(hp.embeddings_path)
+        for name, table, expected in (("user", user, num_users), ("item", item, num_items)):
+            if table.shape[1] != hp.graph_dim:
+                raise DataError(
+                    f"{hp.embeddings_path}: {name} embeddings are {table.shape[1]}-d but graph_dim="
+                    f"{hp.graph_dim}; set model.graph_dim to {table.shape[1]}"
+                )
+            if expected is not None and table.shape[0] != expected:
+                raise DataError(
+                    f"{hp.embeddings_path}: the {name} table has {table.shape[0]} rows but the dataset has "
+                    f"{expected} {name}s; were these embeddings trained on another dataset?"
+                )
+        return user, item
 
     def setup(self, stage: str) -> None:
         """Check the tables against the DataModule's dataset sizes; size the ``"random"`` tables from it."""
@@ -228,24 +201,16 @@ class ExplainerModule(pl.LightningModule):
                     f"{self.hparams.embeddings_path or 'embedding table'}: {mine} {name} rows, but the dataset at "
                     f"{getattr(dm, 'data_dir', '?')} has {ds} {name}"
                 )
-        if self.hparams.embedding_source == "random":
-            self._build_random_tables()
-            if self.user_table is None:
-                raise ValueError("embedding_source='random' needs num_users/num_items (set them or use a DataModule)")
+        self.source.size(self.num_users, self.num_items, device=next(self.llm.parameters()).device)
+        if self.hparams.embedding_source == "random" and self.source.user_table is None:
+            raise ValueError("embedding_source='random' needs num_users/num_items (set them or use a DataModule)")
 
     def configure_model(self) -> None:
         self.injector.install()  # idempotent
 
     def graph_vectors(self, user_id: Tensor, item_id: Tensor) -> tuple[Tensor, Tensor]:
         """Collaborative vectors ``(B, D)`` for the users and items of a batch, per ``embedding_source``."""
-        source = self.hparams.embedding_source
-        if source == "redrawn":
-            shape = (user_id.shape[0], self.hparams.graph_dim)
-            draw = [torch.randn(shape, device=user_id.device) * self._embedding_scale for _ in range(2)]
-            return draw[0], draw[1]
-        if source == "fixed":
-            return self.user_table.expand(user_id.shape[0], -1), self.item_table.expand(item_id.shape[0], -1)
-        return self.user_table[user_id], self.item_table[item_id]
+        return self.source(user_id, item_id)
 
     def _injection(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
         """``(positions (B, 2), vectors (B, 2, H))`` for the batch, or ``None`` when nothing is injected."""
