@@ -254,3 +254,22 @@ def test_embedded_cache_is_best_effort(fake_embedded, tmp_path, monkeypatch, cap
     assert llm_mod.cache_root() is None and llm_mod.embedded_cache_dir(gguf) is None
     load_frozen_llm("embedded")
     assert len(slow_loads) == 4
+
+
+def test_registered_llm_is_loaded_like_any_other_only_inside_its_block():
+    from xrec_pl.models.llm import registered_llm
+    from xrec_pl.models.tiny import build_tiny_llm
+
+    def build():
+        model, tokenizer = build_tiny_llm()
+        return model, tokenizer, "a test builder"
+
+    with registered_llm("my-test-llm", build):
+        model, _ = load_frozen_llm("my-test-llm")
+        info = get_llm_info(model)
+        assert info.name == "my-test-llm" and info.source == "a test builder"
+        assert not any(p.requires_grad for p in model.parameters()) and not model.training
+        with pytest.raises(ValueError, match="already known"), registered_llm("tiny-random", build):
+            pass
+    with pytest.raises(LLMLoadError):
+        load_frozen_llm("my-test-llm")

@@ -27,6 +27,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,7 +139,9 @@ def load_frozen_llm(
     """
     torch_dtype = resolve_dtype(dtype)
     quant_kwargs = _quantization_kwargs(quantization, torch_dtype)
-    if name_or_path in ("tiny-random", "tiny-random-gqa"):
+    if name_or_path in _REGISTERED:
+        model, tokenizer, source = _REGISTERED[name_or_path]()
+    elif name_or_path in ("tiny-random", "tiny-random-gqa"):
         if gguf_file or quantization:
             raise LLMLoadError(f"{name_or_path!r} takes no gguf_file or quantization")
         from xrec_pl.models.tiny import build_tiny_llm
@@ -160,6 +164,25 @@ def load_frozen_llm(
     model.xrec_pl_info = describe_llm(model, tokenizer, name_or_path, source, added)
     log.info("loaded frozen LLM %s", model.xrec_pl_info)
     return model, tokenizer
+
+
+_REGISTERED: dict[str, Callable[[], tuple[Any, Any, str]]] = {}
+
+
+@contextmanager
+def registered_llm(name: str, build: Callable[[], tuple[Any, Any, str]]) -> Iterator[None]:
+    """Inside the block, ``load_frozen_llm(name)`` builds its model with ``build`` (benchmarks' random models).
+
+    ``build()`` returns ``(model, tokenizer, source description)``; ``load_frozen_llm`` then adds the reserved tokens,
+    freezes the model and describes it, as for any other LLM.
+    """
+    if name in _REGISTERED or name in BUILTIN_LLMS:
+        raise ValueError(f"an LLM named {name!r} is already known")
+    _REGISTERED[name] = build
+    try:
+        yield
+    finally:
+        del _REGISTERED[name]
 
 
 def get_llm_info(model: PreTrainedModel) -> LLMInfo:

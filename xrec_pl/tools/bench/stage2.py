@@ -101,10 +101,10 @@ def peak_flops(device_name: str) -> float | None:
 
 # --------------------------------------------------------------------------------------------------------------------
 # random LLMs (bench only)
-def _random_llm(kind: str, device: str) -> tuple[nn.Module, Any]:
+def _random_llm(kind: str, device: str) -> tuple[nn.Module, Any, str]:
+    """``(model, tokenizer, source)`` of a random Llama; ``load_frozen_llm`` adds the reserved tokens and freezes it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from xrec_pl.models.llm import add_reserved_tokens, describe_llm
     from xrec_pl.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
@@ -125,10 +125,7 @@ def _random_llm(kind: str, device: str) -> tuple[nn.Module, Any]:
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(before)
-    added = add_reserved_tokens(model, tokenizer)
-    model.requires_grad_(False).eval()
-    model.xrec_pl_info = describe_llm(model, tokenizer, kind, f"random {kind} Llama (bench only)", added)
-    return model, tokenizer
+    return model, tokenizer, f"random {kind} Llama (bench only)"
 
 
 def _full_logits_loss(llm: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -138,20 +135,13 @@ def _full_logits_loss(llm: nn.Module, batch: dict[str, Any]) -> Tensor:
     ).loss
 
 
-@contextlib.contextmanager
-def _patched_loader(llm: str, device: str):
-    """Let ``ExplainerModule(llm="random-*")`` build the random model (this bench only)."""
+def _llm_loader(llm: str, device: str) -> contextlib.AbstractContextManager:
+    """Let ``ExplainerModule(llm="random-*")`` build the random model (registered for this bench only)."""
     if llm not in RANDOM_LLMS:
-        yield
-        return
-    import xrec_pl.lit.explainer as explainer
+        return contextlib.nullcontext()
+    from xrec_pl.models.llm import registered_llm
 
-    original = explainer.load_frozen_llm
-    explainer.load_frozen_llm = lambda name, dtype="auto", **kw: _random_llm(name, device)
-    try:
-        yield
-    finally:
-        explainer.load_frozen_llm = original
+    return registered_llm(llm, lambda: _random_llm(llm, device))
 
 
 def _build(llm: str, data_dir: Path, device: str, seed: int, batch_size: int):
@@ -160,7 +150,7 @@ def _build(llm: str, data_dir: Path, device: str, seed: int, batch_size: int):
     from xrec_pl.lit.explainer import ExplainerModule
 
     para = read_para_dict(data_dir)
-    with _patched_loader(llm, device):
+    with _llm_loader(llm, device):
         module = ExplainerModule(
             llm=llm,
             embedding_source="random",
