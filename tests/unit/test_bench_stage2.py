@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xrec_pl.tools.bench import stage2
+from xrec_pl.tools.bench import stage2, stage2_common, stage2_reference
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +51,7 @@ def test_bench_random_tiny_end_to_end(synthetic_dir, tmp_path):
 
 def test_reference_injection_equals_ours(synthetic_dir):
     """The reference-style in-place 4-D injection gives the same loss as the module's out-of-place hooks."""
-    module, dm = stage2._build("random-tiny", synthetic_dir, "cpu", seed=0, batch_size=1)
+    module, dm = stage2_common.build("random-tiny", synthetic_dir, "cpu", seed=0, batch_size=1)
     rows, records = stage2._pick(dm, "trn", 1, seed=0)
     enc = dm.builder.encode_train(records[0])
     batch = {
@@ -68,7 +68,7 @@ def test_reference_injection_equals_ours(synthetic_dir):
         with module.injecting_batch(batch):
             ours = module.lm_loss(batch)
         user_vec, item_vec = module.graph_vectors(batch["user_id"], batch["item_id"])
-        with stage2._InPlaceInjector(module.llm) as inj:
+        with stage2_reference._InPlaceInjector(module.llm) as inj:
             inj.vectors = torch.cat([module.user_adapter(user_vec), module.item_adapter(item_vec)], 0)
             inj.positions = [enc["user_pos"], enc["item_pos"]]
             ref = module.llm(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
@@ -83,7 +83,7 @@ def test_random_7b_dimensions_and_peak_table():
 
     cfg = LlamaConfig()  # what _random_llm("random-7b") builds (not instantiated here: 7B parameters)
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size) == (4096, 11008, 32, 32000)
-    assert stage2.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert stage2.peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert stage2.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
-    assert stage2.peak_flops("cpu") is None
+    assert stage2_common.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert stage2_common.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert stage2_common.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert stage2_common.peak_flops("cpu") is None
