@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from xrec_pl import run_layout
-from xrec_pl.data.io import save_embeddings
+from xrec_pl.data.embeddings import save_embeddings
 from xrec_pl.utils import check_choice
 
 __all__ = ["EmbeddingExport"]

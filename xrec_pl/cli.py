@@ -19,7 +19,7 @@ from typing import Any
 
 from jsonargparse import ArgumentError
 
-from xrec_pl.data.io import RecordFormat
+from xrec_pl.data.convert import RecordFormat
 from xrec_pl.data.synthetic import SyntheticSize
 from xrec_pl.errors import CLI_ERRORS, ConfigError
 from xrec_pl.tools.stage_cli import XrecCLI, offline_defaults
@@ -59,7 +59,7 @@ def convert(src: str, dst: str, format: RecordFormat = "parquet", overwrite: boo
         format: ``parquet`` or ``jsonl`` for the text records.
         overwrite: Replace existing files in ``dst``.
     """
-    from xrec_pl.data.io import convert_folder
+    from xrec_pl.data.convert import convert_folder
 
     written = [str(p) for p in convert_folder(src, dst, fmt=format, overwrite=overwrite)]
     if not written:

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 def test_short_fit_on_amazon(amazon_dir, tmp_path):
     from callbacks.embedding_export import EmbeddingExport
     from data_modules.graph import InteractionDataModule
-    from xrec_pl.data.io import load_embeddings
+    from xrec_pl.data.embeddings import load_embeddings
     from xrec_pl.lit.recommender import LightGCNModule
 
     pl.seed_everything(0, verbose=False)

@@ -11,7 +11,7 @@ import torch
 from data_modules.explanations import ExplanationDataModule
 from tests.helpers import quiet_trainer
 from tests.oracles import full_logits_loss
-from xrec_pl.data.io import save_embeddings
+from xrec_pl.data.embeddings import save_embeddings
 from xrec_pl.errors import DataError, LLMLoadError
 from xrec_pl.lit.explainer import ExplainerModule
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from xrec_pl.data import convert, embeddings
 from xrec_pl.data import io as dio
 from xrec_pl.data.io import RECORD_COLUMNS
 from xrec_pl.errors import DataError
@@ -259,7 +260,7 @@ def test_plain_formats_preferred_over_pickle(data_copy: Path) -> None:
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_convert_folder_round_trip(synthetic_dir: Path, tmp_path: Path, fmt: str) -> None:
     dst = tmp_path / "converted"
-    written = dio.convert_folder(synthetic_dir, dst, fmt=fmt)
+    written = convert.convert_folder(synthetic_dir, dst, fmt=fmt)
     names = {p.name for p in written}
     assert {f"{s}.{fmt}" for s in dio.SPLITS} | {"para_dict.json", "total_trn.csv", "meta.json"} <= names
     assert not list(dst.rglob("*.pkl")) and not list(dst.rglob("*.pickle"))
@@ -277,14 +278,14 @@ def test_convert_folder_round_trip(synthetic_dir: Path, tmp_path: Path, fmt: str
         )
 
     with pytest.raises(DataError, match="destination exists"):
-        dio.convert_folder(synthetic_dir, dst, fmt=fmt)
-    assert sorted(dio.convert_folder(synthetic_dir, dst, fmt=fmt, overwrite=True)) == sorted(written)
+        convert.convert_folder(synthetic_dir, dst, fmt=fmt)
+    assert sorted(convert.convert_folder(synthetic_dir, dst, fmt=fmt, overwrite=True)) == sorted(written)
 
 
 def test_convert_folder_refuses_unsafe_pickles(data_copy: Path, tmp_path: Path) -> None:
     (data_copy / "extra.pkl").write_bytes(pickle.dumps(_Reduce(os.system, "true")))
     with pytest.raises(DataError, match="extra.pkl: refused global"):
-        dio.convert_folder(data_copy, tmp_path / "out")
+        convert.convert_folder(data_copy, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # validation happens before any write
 
 
@@ -296,12 +297,12 @@ def test_embeddings_round_trip(tmp_path: Path) -> None:
 
     user, item = torch.randn(7, 4, dtype=torch.float64), torch.randn(5, 4)
     path = tmp_path / "run" / "embeddings.safetensors"
-    dio.save_embeddings(path, user, item, metadata={"epoch": 3})
-    loaded_user, loaded_item = dio.load_embeddings(path)
+    embeddings.save_embeddings(path, user, item, metadata={"epoch": 3})
+    loaded_user, loaded_item = embeddings.load_embeddings(path)
     assert loaded_user.dtype == torch.float32 and loaded_user.shape == (7, 4)
     torch.testing.assert_close(loaded_user, user.float())
     torch.testing.assert_close(loaded_item, item)
-    torch.testing.assert_close(dio.load_embeddings(path.parent)[1], item)  # folder form
+    torch.testing.assert_close(embeddings.load_embeddings(path.parent)[1], item)  # folder form
     with safe_open(str(path), "pt") as fh:
         assert fh.metadata() == {"epoch": "3", "num_users": "7", "num_items": "5", "dim": "4"}
     assert [p.name for p in path.parent.iterdir()] == ["embeddings.safetensors"]  # no temp file left
@@ -313,15 +314,15 @@ def test_embeddings_bad_files(tmp_path: Path) -> None:
     path = tmp_path / "e.safetensors"
     save_file({"user": torch.zeros(2, 3)}, str(path))
     with pytest.raises(DataError, match=rf"^{path}: missing tensor 'item'"):
-        dio.load_embeddings(path)
+        embeddings.load_embeddings(path)
     save_file({"user": torch.zeros(2, 3), "item": torch.zeros(3)}, str(path))
     with pytest.raises(DataError, match=rf"^{path}: 'item' must be a 2-D tensor"):
-        dio.load_embeddings(path)
+        embeddings.load_embeddings(path)
     path.write_bytes(b"garbage")
     with pytest.raises(DataError, match=rf"^{path}: not a readable safetensors file"):
-        dio.load_embeddings(path)
+        embeddings.load_embeddings(path)
     with pytest.raises(DataError, match="file not found"):
-        dio.load_embeddings(tmp_path / "missing.safetensors")
+        embeddings.load_embeddings(tmp_path / "missing.safetensors")
 
 
 def test_reference_embedding_pickles(tmp_path: Path) -> None:
@@ -331,7 +332,7 @@ def test_reference_embedding_pickles(tmp_path: Path) -> None:
     with open(tmp_path / "user_emb.pkl", "wb") as fh:
         pickle.dump(user, fh)  # the reference's format
     torch.save(item, tmp_path / "item_emb.pkl")  # torch.save format works too
-    loaded_user, loaded_item = dio.load_embeddings(tmp_path)
+    loaded_user, loaded_item = embeddings.load_embeddings(tmp_path)
     torch.testing.assert_close(loaded_user, user.detach())
     torch.testing.assert_close(loaded_item, item)
     assert not loaded_user.requires_grad
@@ -339,5 +340,5 @@ def test_reference_embedding_pickles(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     (tmp_path / "item_emb.pkl").write_bytes(pickle.dumps(_Reduce(os.system, f"touch {marker}")))
     with pytest.raises(DataError, match=r"item_emb\.pkl: refused global"):
-        dio.load_embeddings(tmp_path / "user_emb.pkl")
+        embeddings.load_embeddings(tmp_path / "user_emb.pkl")
     assert not marker.exists()

@@ -10,7 +10,7 @@ import torch
 from callbacks.embedding_export import EmbeddingExport
 from data_modules.graph import InteractionDataModule
 from tests.helpers import quiet_trainer
-from xrec_pl.data.io import load_embeddings
+from xrec_pl.data.embeddings import load_embeddings
 from xrec_pl.lit.recommender import LightGCNModule
 
 _trainer = quiet_trainer

@@ -15,29 +15,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from xrec_pl import run_layout
-from xrec_pl.data.pickles import TensorUnpickler, load_with, safe_load_pickle
+from xrec_pl.data.pickles import safe_load_pickle
 from xrec_pl.errors import DataError
-from xrec_pl.utils import atomic_path, atomic_write_text, atomic_write_with, check_choice, write_jsonl
-
-if TYPE_CHECKING:
-    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
 RECORD_COLUMNS = ("uid", "iid", "title", "user_summary", "item_summary", "explanation")
 TEXT_COLUMNS = RECORD_COLUMNS[2:]
 SPLITS = ("trn", "val", "tst")
-RecordFormat = Literal["parquet", "jsonl"]
 # Preference when a split exists in several formats: plain formats first, the pickle last.
 RECORD_SUFFIXES = (".parquet", ".jsonl", ".pkl")
 
@@ -195,7 +186,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _load_record_frame(path: Path) -> pd.DataFrame:
+def load_record_frame(path: Path) -> pd.DataFrame:
     if path.suffix == ".parquet":
         try:
             return pd.read_parquet(path)
@@ -269,217 +260,4 @@ def read_records(
     """
     _check_split(split)
     path = _record_path(Path(data_dir), split)
-    return check_records(_load_record_frame(path), path, num_users, num_items)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Embeddings
-# --------------------------------------------------------------------------------------------------------------------
-def _as_matrix(path: Path, name: str, value: Any) -> Tensor:
-    import torch
-
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    if not isinstance(value, torch.Tensor) or value.dim() != 2:
-        desc = tuple(value.shape) if hasattr(value, "shape") else type(value).__name__
-        raise DataError(f"{path}: '{name}' must be a 2-D tensor (found {desc})")
-    if not (value.is_floating_point() and torch.isfinite(value).all()):
-        raise DataError(f"{path}: '{name}' must hold finite floating-point values")
-    return value.detach().to(device="cpu", dtype=torch.float32).contiguous()
-
-
-def save_embeddings(
-    path: str | os.PathLike, user: Tensor, item: Tensor, metadata: dict[str, str] | None = None
-) -> None:
-    """Write user/item embedding matrices as safetensors (keys ``user``, ``item``; float32), atomically.
-
-    Args:
-        path: destination ``.safetensors`` file.
-        user: ``(num_users, dim)`` tensor.
-        item: ``(num_items, dim)`` tensor.
-        metadata: extra string metadata stored in the header (``num_users``, ``num_items``, ``dim`` are added).
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    user_t, item_t = _as_matrix(path, "user", user), _as_matrix(path, "item", item)
-    if user_t.shape[1] != item_t.shape[1]:
-        raise ValueError(f"{path}: user dim {user_t.shape[1]} != item dim {item_t.shape[1]}")
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta.update(num_users=str(user_t.shape[0]), num_items=str(item_t.shape[0]), dim=str(user_t.shape[1]))
-    atomic_write_with(path, lambda tmp: save_file({"user": user_t, "item": item_t}, str(tmp), metadata=meta))
-
-
-def _load_safetensors(path: Path) -> tuple[Tensor, Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable safetensors file ({err})") from err
-    missing = [k for k in ("user", "item") if k not in tensors]
-    if missing:
-        raise DataError(f"{path}: missing tensor '{missing[0]}' (found: {', '.join(tensors)})")
-    user, item = _as_matrix(path, "user", tensors["user"]), _as_matrix(path, "item", tensors["item"])
-    if user.shape[1] != item.shape[1]:
-        raise DataError(f"{path}: user dim {user.shape[1]} != item dim {item.shape[1]}")
-    return user, item
-
-
-def _load_reference_tensor(path: Path) -> Tensor:
-    import torch
-
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch warns about pickle protocols it did not write
-        try:
-            value = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # not a torch.save file: the reference wrote these with pickle.dump
-            value = load_with(TensorUnpickler, path)
-    return _as_matrix(path, path.stem, value)
-
-
-def load_embeddings(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
-    """Load ``(user, item)`` float32 embedding matrices.
-
-    Args:
-        path: a ``.safetensors`` file written by :func:`save_embeddings`; a folder holding ``embeddings.safetensors``
-            or the reference's ``user_emb.pkl`` + ``item_emb.pkl``; or the path of ``user_emb.pkl`` itself. The
-            reference files load with ``torch.load(weights_only=True)``, or, for plain ``pickle.dump`` tensors, a
-            restricted unpickler that only rebuilds tensors.
-
-    Returns:
-        ``user`` of shape ``(num_users, dim)`` and ``item`` of shape ``(num_items, dim)``, on CPU.
-
-    Raises:
-        DataError: missing/unreadable file, missing key, wrong shapes.
-    """
-    path = Path(path)
-    if path.is_dir():
-        if (path / run_layout.EMBEDDINGS).is_file():
-            return _load_safetensors(path / run_layout.EMBEDDINGS)
-        if (path / "user_emb.pkl").is_file():
-            return _load_reference_pair(path)
-        raise DataError(f"{path / run_layout.EMBEDDINGS}: file not found (nor user_emb.pkl / item_emb.pkl)")
-    if path.name in ("user_emb.pkl", "item_emb.pkl"):
-        return _load_reference_pair(path.parent)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    return _load_safetensors(path)
-
-
-def _load_reference_pair(folder: Path) -> tuple[Tensor, Tensor]:
-    user = _load_reference_tensor(folder / "user_emb.pkl")
-    item = _load_reference_tensor(folder / "item_emb.pkl")
-    if user.shape[1] != item.shape[1]:
-        raise DataError(f"{folder / 'item_emb.pkl'}: dim {item.shape[1]} != user_emb.pkl dim {user.shape[1]}")
-    return user, item
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Conversion
-# --------------------------------------------------------------------------------------------------------------------
-def _write_frame(df: pd.DataFrame, dst: Path, fmt: str) -> None:
-    if fmt == "parquet":
-        atomic_write_with(dst, lambda tmp: df.to_parquet(tmp, index=False))
-    else:
-        write_jsonl(dst, df.to_dict(orient="records"))
-
-
-def _numpy_scalar(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON data: {type(value).__name__}")
-
-
-def _is_jsonable(obj: Any) -> bool:
-    try:
-        json.dumps(obj, default=_numpy_scalar)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _write_compact_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, separators=(",", ":"), default=_numpy_scalar) + "\n")
-
-
-def convert_folder(
-    src: str | os.PathLike, dst: str | os.PathLike, fmt: RecordFormat = "parquet", overwrite: bool = False
-) -> list[Path]:
-    """Rewrite an XRec folder so that reading it needs no unpickling.
-
-    - ``{trn,val,tst}.pkl`` are validated with :func:`read_records` and written as ``{split}.parquet``/``.jsonl``;
-    - ``para_dict.pickle`` is validated and written as ``para_dict.json``;
-    - ``user_emb.pkl`` + ``item_emb.pkl`` become ``embeddings.safetensors``;
-    - any other pickle (in sub-folders too) holding a DataFrame becomes ``{stem}.{fmt}``, one holding plain JSON data
-      (e.g. ``xrec_release/tst_pred.pkl``, a list of strings) becomes ``{stem}.json``;
-    - every non-pickle file (CSV, JSON, README, ...) is copied.
-
-    Args:
-        src: XRec folder to read.
-        dst: destination folder (created).
-        fmt: ``"parquet"`` or ``"jsonl"`` for tables.
-        overwrite: replace existing destination files; otherwise any existing destination file is an error and
-            nothing is written.
-
-    Returns:
-        The files written, sorted.
-
-    Raises:
-        DataError: bad or unsafe input, or a destination file exists and ``overwrite`` is False.
-    """
-    check_choice("fmt", fmt, RecordFormat)
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise DataError(f"{src}: not a folder")
-    if src.resolve() == dst.resolve():
-        raise DataError(f"{dst}: destination is the source folder")
-    jobs: list[tuple[Path, Callable[[], None]]] = []  # (destination, writer)
-    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
-    emb_pair = (src / "user_emb.pkl").is_file() and (src / "item_emb.pkl").is_file()
-    for path in files:
-        rel = path.relative_to(src)
-        out_dir = dst / rel.parent
-        if path.suffix not in (".pkl", ".pickle"):
-            jobs.append((dst / rel, lambda p=path, d=dst / rel: _copy(p, d)))
-        elif rel.parent == Path(".") and path.stem == "para_dict":
-            para = read_para_dict(src) if not (src / "para_dict.json").is_file() else None
-            if para is not None:
-                jobs.append(
-                    (out_dir / "para_dict.json", lambda d=out_dir / "para_dict.json", v=para: _write_compact_json(d, v))
-                )
-        elif rel.parent == Path(".") and path.stem in SPLITS:
-            frame = check_records(_load_record_frame(path), path)
-            target = out_dir / f"{path.stem}.{fmt}"
-            jobs.append((target, lambda f=frame, d=target: _write_frame(f, d, fmt)))
-        elif emb_pair and rel.parent == Path(".") and path.name in ("user_emb.pkl", "item_emb.pkl"):
-            if path.name == "user_emb.pkl":
-                user, item = _load_reference_pair(src)
-                target = out_dir / run_layout.EMBEDDINGS
-                jobs.append((target, lambda d=target, u=user, i=item: save_embeddings(d, u, i, {"source": "xrec"})))
-        else:
-            obj = safe_load_pickle(path)
-            if isinstance(obj, pd.DataFrame):
-                target = out_dir / f"{path.stem}.{fmt}"
-                jobs.append((target, lambda f=obj, d=target: _write_frame(f, d, fmt)))
-            elif _is_jsonable(obj):
-                target = out_dir / f"{path.stem}.json"
-                jobs.append((target, lambda d=target, v=obj: _write_compact_json(d, v)))
-            else:
-                raise DataError(f"{path}: cannot convert a pickled {type(obj).__name__} (not a DataFrame or JSON data)")
-    targets = [t for t, _ in jobs]
-    clash = [t for t in targets if t.exists()]
-    if clash and not overwrite:
-        raise DataError(f"{clash[0]}: destination exists ({len(clash)} file(s) in all; pass overwrite=True)")
-    for _, write in jobs:
-        write()
-    log.info("converted %s -> %s (%d files)", src, dst, len(jobs))
-    return sorted(targets)
-
-
-def _copy(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as tmp:
-        shutil.copyfile(src, tmp)
+    return check_records(load_record_frame(path), path, num_users, num_items)

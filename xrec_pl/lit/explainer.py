@@ -44,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from xrec_pl import run_layout
-from xrec_pl.data.io import load_embeddings
+from xrec_pl.data.embeddings import load_embeddings
 from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.errors import DataError, LLMLoadError
 from xrec_pl.lit.checkpoint import check_identity, state_mismatch, trainable_keys, trainable_state
