@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from xrec_pl.models import llm as llm_mod
+from xrec_pl.models import llm_loading
 from xrec_pl.models.llm import (
     PAD_TOKEN,
     RESERVED_TOKENS,
@@ -200,7 +200,7 @@ def fake_embedded(tmp_path, monkeypatch):
     gguf.parent.mkdir()
     gguf.write_bytes(b"fake")
     slow_loads = []
-    real = llm_mod._from_pretrained
+    real = llm_loading._from_pretrained
 
     def fake_from_pretrained(path, torch_dtype, quant_kwargs, **kwargs):
         if kwargs.get("gguf_file"):
@@ -210,8 +210,8 @@ def fake_embedded(tmp_path, monkeypatch):
             return model, tok
         return real(path, torch_dtype, quant_kwargs, **kwargs)
 
-    monkeypatch.setattr(llm_mod, "embedded_gguf_path", lambda: gguf)
-    monkeypatch.setattr(llm_mod, "_from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(llm_loading, "embedded_gguf_path", lambda: gguf)
+    monkeypatch.setattr(llm_loading, "_from_pretrained", fake_from_pretrained)
     monkeypatch.setenv("XREC_PL_CACHE", str(tmp_path / "cache"))
     return gguf, slow_loads
 
@@ -220,7 +220,7 @@ def test_embedded_cache_roundtrip(fake_embedded, tmp_path):
     gguf, slow_loads = fake_embedded
     cold, cold_tok = load_frozen_llm("embedded")
     assert len(slow_loads) == 1
-    cache = llm_mod.embedded_cache_dir(gguf)
+    cache = llm_loading.embedded_cache_dir(gguf)
     assert cache.parent == tmp_path / "cache" / "gguf" and (cache / "xrec_pl_cache.json").is_file()
     assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
     warm, warm_tok = load_frozen_llm("embedded")
@@ -232,13 +232,13 @@ def test_embedded_cache_roundtrip(fake_embedded, tmp_path):
         assert torch.equal(p, q), name
     # a new GGUF (other mtime/size) gets a new key
     gguf.write_bytes(b"fake, but longer")
-    assert llm_mod.embedded_cache_dir(gguf) != cache
+    assert llm_loading.embedded_cache_dir(gguf) != cache
 
 
 def test_embedded_cache_is_best_effort(fake_embedded, tmp_path, monkeypatch, caplog):
     gguf, slow_loads = fake_embedded
     load_frozen_llm("embedded")
-    cache = llm_mod.embedded_cache_dir(gguf)
+    cache = llm_loading.embedded_cache_dir(gguf)
     (cache / "model.safetensors").write_bytes(b"corrupt")
     with caplog.at_level(logging.WARNING, logger="xrec_pl.models.llm"):
         model, _ = load_frozen_llm("embedded")
@@ -251,7 +251,7 @@ def test_embedded_cache_is_best_effort(fake_embedded, tmp_path, monkeypatch, cap
     assert len(slow_loads) == 3
     # disabled
     monkeypatch.setenv("XREC_PL_CACHE", "off")
-    assert llm_mod.cache_root() is None and llm_mod.embedded_cache_dir(gguf) is None
+    assert llm_loading.cache_root() is None and llm_loading.embedded_cache_dir(gguf) is None
     load_frozen_llm("embedded")
     assert len(slow_loads) == 4
 
