@@ -78,7 +78,7 @@ def community_choice(
         subset: test only the DataModule's ``eval_subset`` of the split (default: every record; the test is cheap,
             forward passes only, so it can use more records than generation does).
     """
-    from data_modules.explanations import PadCollator
+    from data_modules.batching import PadCollator
 
     builder = datamodule._require_builder()
     collate = PadCollator(datamodule._pad_id(), side="right")

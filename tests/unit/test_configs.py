@@ -95,7 +95,7 @@ def test_stage2_config_instantiates_on_tiny_llm(config, synthetic_dir, tmp_path)
 def test_tool_configs_parse(config):
     command = "pipeline" if config.parent.name == "pipeline" else "experiment"
     if command == "experiment":
-        from xrec_pl.tools.experiment import load_suite
+        from xrec_pl.tools.suite import load_suite
 
         assert load_suite(str(config)).arms  # arm names and reference arm are valid
     with pytest.raises(SystemExit) as exit_info:

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from xrec_pl.errors import ConfigError
-from xrec_pl.tools.experiment import Suite, experiment, load_suite, write_report
+from xrec_pl.tools.experiment import experiment
+from xrec_pl.tools.report import write_report
+from xrec_pl.tools.suite import Suite, load_suite
 
 
 def _fake_run(run_dir, f1_scores, usr):
@@ -74,7 +76,7 @@ def test_folder_of_same_suite_with_other_settings_is_refused(tmp_path):
 
 
 def test_arms_without_trainable_parts_skip_fit():
-    from xrec_pl.tools.experiment import ARMS
+    from xrec_pl.tools.suite import ARMS
 
     assert ARMS["plain_llm"]["train"] is False and ARMS["no_injection"]["train"] is False
     assert ARMS["xrec"].get("train", True)

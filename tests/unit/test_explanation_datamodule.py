@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_modules.explanations import BucketSampler, ExplanationDataModule
+from data_modules.batching import BucketSampler
+from data_modules.explanations import ExplanationDataModule
 from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.errors import DataError
 

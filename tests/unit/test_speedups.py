@@ -14,7 +14,8 @@ import contextlib
 import pytest
 import torch
 
-from data_modules.explanations import ExplanationDataModule, PadCollator
+from data_modules.batching import PadCollator
+from data_modules.explanations import ExplanationDataModule
 from xrec_pl.lit.explainer import ExplainerModule
 
 

@@ -86,7 +86,7 @@ def bench_training(module, dm, records, rows, opts: dict[str, Any]) -> dict[str,
 
 def bench_ablation(module, dm, records, opts: dict[str, Any]) -> dict[str, Any]:
     """What each change buys: one forward+backward over the same records, changes added one at a time."""
-    from data_modules.explanations import PadCollator
+    from data_modules.batching import PadCollator
 
     device, bs = opts["device"], opts["batch_size"]
     items = []
