@@ -95,14 +95,14 @@ def test_bf16_autocast_loss_and_gradients_close_to_fp32(setup):
 
 def test_right_padding_drops_the_mask_exactly(setup):
     """Right-padded batches run without the padding mask (SDPA's causal kernel); real positions are unchanged."""
-    from xrec_pl.lit.explainer import _causal_suffices
+    from xrec_pl.models.lm_loss import causal_suffices
 
     module, collate, items = setup
     batch = collate(items)
     mask = batch["attention_mask"]
-    assert _causal_suffices(mask) is None
+    assert causal_suffices(mask) is None
     left = mask.flip(1)
-    assert _causal_suffices(left) is left  # left padding keeps its mask
+    assert causal_suffices(left) is left  # left padding keeps its mask
     decoder = module.llm.get_decoder()
     with torch.no_grad(), module.injecting_batch(batch):
         fast = module.lm_hidden_states(batch)  # (B, T, H), no mask passed

@@ -38,11 +38,11 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from xrec_pl.errors import DataError
+from xrec_pl.models.lm_loss import IGNORE_INDEX
 from xrec_pl.utils import check_choice
 
 __all__ = ["IGNORE_INDEX", "PromptStyle", "Domain", "PromptBuilder"]
 
-IGNORE_INDEX = -100
 PromptStyle = Literal["chat", "xrec"]
 Domain = Literal["books", "business"]
 USER_TOKEN = "<USER_EMBED>"

@@ -39,7 +39,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -49,9 +48,10 @@ from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.errors import DataError, LLMLoadError
 from xrec_pl.lit.checkpoint import check_identity, state_mismatch, trainable_keys, trainable_state
 from xrec_pl.models.adapters import AdapterKind, build_adapter
-from xrec_pl.models.decoding import greedy_generate
+from xrec_pl.models.decoding import greedy_config, greedy_with_config, stop_ids
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
 from xrec_pl.models.llm import get_llm_info, load_frozen_llm
+from xrec_pl.models.lm_loss import decoder_hidden_states, token_nll
 from xrec_pl.models.sources import EmbeddingSource, EmbeddingSourceKind
 from xrec_pl.utils import check_choice, write_jsonl
 
@@ -60,19 +60,6 @@ __all__ = ["Decoder", "ExplainerModule", "OptimizerName"]
 OptimizerName = Literal["adamw", "adam"]
 Decoder = Literal["compact", "hf"]
 CHECKPOINT_KEY = "xrec_explainer"
-
-
-def _causal_suffices(mask: Tensor | None) -> Tensor | None:
-    """``None`` for a right-padded ``(B, T)`` mask, else the mask.
-
-    With right padding the causal mask alone hides every trailing pad from every real token (positions are 0..n-1 in
-    both cases), so the real tokens' hidden states are the same without the padding mask; only the pad positions'
-    own states change, and no loss reads them. SDPA then takes its ``is_causal`` kernel: with an explicit
-    ``(B, 1, T, T)`` mask the CPU kernel was several times slower (tests/unit/test_speedups.py checks equality).
-    """
-    if mask is None or bool((mask[:, 1:] <= mask[:, :-1]).all()):
-        return None
-    return mask
 
 
 class ExplainerModule(pl.LightningModule):
@@ -240,24 +227,11 @@ class ExplainerModule(pl.LightningModule):
 
         The LM head runs at the labelled positions only (with the model's logit soft-capping, if any).
         """
-        labels = batch["labels"]
-        hidden = self.lm_hidden_states(batch)  # (B, T, H)
-        targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
-        mask = targets != IGNORE_INDEX
-        picked = hidden[:, :-1][mask]  # (N, H)
-        logits = self.llm.get_output_embeddings()(picked).float()  # (N, V)
-        cap = getattr(self.llm.config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        rows = torch.arange(targets.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]  # (N,)
-        return F.cross_entropy(logits, targets[mask], reduction="none"), rows
+        return token_nll(self.llm, self.lm_hidden_states(batch), batch["labels"])
 
     def lm_hidden_states(self, batch: dict[str, Any]) -> Tensor:
         """Last hidden states ``(B, T, H)`` of the batch's tokens (subclasses may prepend virtual tokens)."""
-        decoder = self.llm.get_decoder()
-        return decoder(
-            input_ids=batch["input_ids"], attention_mask=_causal_suffices(batch["attention_mask"]), use_cache=False
-        ).last_hidden_state
+        return decoder_hidden_states(self.llm, batch["input_ids"], batch["attention_mask"])
 
     # ------------------------------------------------------------------------------------------ steps
     @property
@@ -320,11 +294,7 @@ class ExplainerModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------ generation
     def stop_ids(self) -> list[int]:
         """The token ids that end an explanation: the tokenizer's EOS and the generation config's."""
-        ids = {int(self.tokenizer.eos_token_id)}
-        extra = getattr(self.llm.generation_config, "eos_token_id", None)
-        if extra is not None:
-            ids.update(int(i) for i in (extra if isinstance(extra, (list, tuple)) else [extra]))
-        return sorted(ids)
+        return stop_ids(self.tokenizer, self.llm)
 
     @torch.no_grad()
     def generate_explanations(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
@@ -340,23 +310,14 @@ class ExplainerModule(pl.LightningModule):
         Returns:
             ``B`` strings: the decoded new tokens, special tokens removed, stripped.
         """
-        from transformers import GenerationConfig
-
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate_explanations needs left-padded batches (use generation_dataloader)")
         batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens or self.hparams.max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=self.stop_ids(),
-            pad_token_id=self.tokenizer.pad_token_id,
-            use_cache=True,
-            # the reserved tokens and the added pad token have untrained rows in a tied LM head: never emit them
-            suppress_tokens=sorted(set(self.llm_info.reserved_token_ids.values())),
-        )
+        # the reserved tokens and the added pad token have untrained rows in a tied LM head: never emit them
+        suppress = self.llm_info.reserved_token_ids.values()
+        config = greedy_config(self.tokenizer, self.llm, max_new_tokens or self.hparams.max_new_tokens, suppress)
         adapters = [m for m in (self.user_adapter, self.item_adapter) if m is not None]
         modes = [m.training for m in adapters]
         for m in adapters:
@@ -376,23 +337,9 @@ class ExplainerModule(pl.LightningModule):
         ``decoder="hf"`` calls ``llm.generate``. Both give the same tokens (tested).
         """
         if self.hparams.get("decoder", "compact") == "compact":
-            return self.greedy(self.llm, config, attention_mask, input_ids=input_ids)
+            return greedy_with_config(self.llm, config, attention_mask, input_ids=input_ids)
         out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
         return out[:, input_ids.shape[1] :]
-
-    @staticmethod
-    def greedy(llm: nn.Module, config: Any, attention_mask: Tensor, **prompt: Tensor) -> Tensor:
-        """:func:`greedy_generate` with the stop, pad and suppressed tokens of a greedy ``GenerationConfig``."""
-        stops = config.eos_token_id
-        return greedy_generate(
-            llm,
-            attention_mask,
-            max_new_tokens=config.max_new_tokens,
-            stop_ids=list(stops) if isinstance(stops, (list, tuple)) else [stops],
-            pad_id=config.pad_token_id,
-            suppress_ids=config.suppress_tokens or (),
-            **prompt,
-        )
 
     def on_predict_epoch_start(self) -> None:
         self._predictions = []

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from xrec_pl import run_layout
 from xrec_pl.lit.checkpoint import check_identity
 from xrec_pl.lit.explainer import CHECKPOINT_KEY, Decoder, ExplainerModule, OptimizerName
+from xrec_pl.models.decoding import greedy_with_config
 from xrec_pl.utils import check_choice
 
 __all__ = ["PeftExplainerModule", "PeftMethod", "PromptInit"]
@@ -204,7 +205,7 @@ class PeftExplainerModule(ExplainerModule):
         embeds, mask = self.with_virtual_tokens(input_ids, attention_mask)
         base = self.llm.get_base_model()
         if self.hparams.get("decoder", "compact") == "compact":
-            return self.greedy(base, config, mask, inputs_embeds=embeds)
+            return greedy_with_config(base, config, mask, inputs_embeds=embeds)
         # generating from inputs_embeds alone returns only the new tokens (B, N)
         return base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -109,3 +110,42 @@ def _cache_keyword(llm: nn.Module) -> str:
     """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older releases), whichever ``forward`` takes."""
     params = inspect.signature(llm.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
+
+
+def stop_ids(tokenizer: Any, llm: nn.Module) -> list[int]:
+    """The token ids that end an explanation: the tokenizer's EOS and the LLM's generation config's."""
+    ids = {int(tokenizer.eos_token_id)}
+    extra = getattr(llm.generation_config, "eos_token_id", None)
+    if extra is not None:
+        ids.update(int(i) for i in (extra if isinstance(extra, (list, tuple)) else [extra]))
+    return sorted(ids)
+
+
+def greedy_config(tokenizer: Any, llm: nn.Module, max_new_tokens: int, suppress_ids: Sequence[int]) -> Any:
+    """A greedy, cached ``GenerationConfig``: stop at :func:`stop_ids`, pad with the tokenizer's pad token, never emit
+    ``suppress_ids`` (e.g. the reserved tokens and the added pad token, untrained rows of a tied LM head)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=stop_ids(tokenizer, llm),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        suppress_tokens=sorted(set(suppress_ids)),
+    )
+
+
+def greedy_with_config(llm: nn.Module, config: Any, attention_mask: Tensor, **prompt: Tensor) -> Tensor:
+    """:func:`greedy_generate` with the stop, pad and suppressed tokens of a greedy ``GenerationConfig``."""
+    stops = config.eos_token_id
+    return greedy_generate(
+        llm,
+        attention_mask,
+        max_new_tokens=config.max_new_tokens,
+        stop_ids=list(stops) if isinstance(stops, (list, tuple)) else [stops],
+        pad_id=config.pad_token_id,
+        suppress_ids=config.suppress_tokens or (),
+        **prompt,
+    )
