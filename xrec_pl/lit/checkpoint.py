@@ -13,6 +13,10 @@ from typing import Any
 
 from torch import nn
 
+from xrec_pl.errors import DataError, LLMLoadError
+
+CHECKPOINT_KEY = "xrec_explainer"  # what a stage-2 checkpoint was trained with: the LLM's identity and the switches
+
 
 def trainable_keys(module: nn.Module) -> set[str]:
     """Names of the parameters of ``module`` that require gradients."""
@@ -55,3 +59,39 @@ def check_identity(saved: Mapping[str, Any], mine: Mapping[str, Any], keys: tupl
                 f"checkpoint was trained with {key}={saved.get(key)!r}, this module is configured with "
                 f"{key}={mine[key]!r}"
             )
+
+
+def save_trainable(module: nn.Module, checkpoint: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Keep only the trainable weights of ``module`` (never a frozen LLM) and record ``identity`` beside them."""
+    checkpoint["state_dict"] = trainable_state(checkpoint["state_dict"], module)
+    checkpoint[CHECKPOINT_KEY] = identity
+
+
+def load_validated(
+    module: nn.Module, checkpoint: dict[str, Any], identity: dict[str, Any], keys: tuple[str, ...], where: str
+) -> None:
+    """Refuse a checkpoint of another LLM or configuration, or with missing/unexpected/misshapen trainable weights.
+
+    ``identity`` is the module's own (``llm`` = its ``LLMInfo.to_dict()``, plus ``keys``). On success the frozen
+    weights the module already holds (``module.llm``) are filled into ``checkpoint["state_dict"]``, so the
+    non-strict load reports no missing keys; copying a tensor onto itself changes nothing.
+
+    Raises:
+        LLMLoadError: another LLM (``where: ...``).
+        DataError: anything else (``where: ...``), one line naming the file.
+    """
+    try:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            raise ValueError("not an ExplainerModule checkpoint (no LLM/adapter identity stored)")
+        module.llm_info.check_matches(saved["llm"], what="checkpoint")
+        check_identity(saved, identity, keys)
+        expected = {key: module.get_parameter(key) for key in trainable_keys(module)}
+        problem = state_mismatch(checkpoint.get("state_dict", {}), expected)
+        if problem:
+            raise ValueError(f"checkpoint adapter weights do not match this module: {problem}")
+    except LLMLoadError as err:  # one line that names the file (the CLI prints these without a traceback)
+        raise LLMLoadError(f"{where}: {err}") from None
+    except ValueError as err:
+        raise DataError(f"{where}: {err}") from None
+    checkpoint["state_dict"] = {**module.llm.state_dict(prefix="llm."), **checkpoint["state_dict"]}

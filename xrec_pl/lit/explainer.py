@@ -45,8 +45,8 @@ from torch import Tensor, nn
 from xrec_pl import run_layout
 from xrec_pl.data.embeddings import load_embeddings
 from xrec_pl.data.prompts import IGNORE_INDEX
-from xrec_pl.errors import DataError, LLMLoadError
-from xrec_pl.lit.checkpoint import check_identity, state_mismatch, trainable_keys, trainable_state
+from xrec_pl.errors import DataError
+from xrec_pl.lit.checkpoint import load_validated, save_trainable
 from xrec_pl.models.adapters import AdapterKind, build_adapter
 from xrec_pl.models.decoding import greedy_config, greedy_with_config, stop_ids
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
@@ -59,7 +59,6 @@ __all__ = ["Decoder", "ExplainerModule", "OptimizerName"]
 
 OptimizerName = Literal["adamw", "adam"]
 Decoder = Literal["compact", "hf"]
-CHECKPOINT_KEY = "xrec_explainer"
 
 
 class ExplainerModule(pl.LightningModule):
@@ -90,6 +89,8 @@ class ExplainerModule(pl.LightningModule):
         predictions_file: file name of the predictions JSONL written into ``trainer.default_root_dir``.
         seed: seed of the random/fixed embeddings and of the LLM's new token rows.
     """
+
+    IDENTITY_KEYS: tuple[str, ...] = ("adapter", "injection", "graph_dim", "num_experts")  # checked on load
 
     def __init__(
         self,
@@ -432,29 +433,9 @@ class ExplainerModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter weights (never the frozen LLM) and record what they were trained with."""
-        checkpoint["state_dict"] = trainable_state(checkpoint["state_dict"], self)
-        checkpoint[CHECKPOINT_KEY] = self._identity()
+        save_trainable(self, checkpoint, self._identity())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse checkpoints of another LLM/adapter, or with missing/unexpected adapter keys (``DataError``)."""
         where = (self._trainer.ckpt_path if self._trainer is not None else None) or "checkpoint"
-        try:
-            self._check_checkpoint(checkpoint)
-        except LLMLoadError as err:  # one line that names the file (the CLI prints these without a traceback)
-            raise LLMLoadError(f"{where}: {err}") from None
-        except ValueError as err:
-            raise DataError(f"{where}: {err}") from None
-        # Fill in the frozen weights we already hold, so that the (non-strict) load reports no missing keys; copying a
-        # tensor onto itself changes nothing.
-        checkpoint["state_dict"] = {**self.llm.state_dict(prefix="llm."), **checkpoint["state_dict"]}
-
-    def _check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is None:
-            raise ValueError("not an ExplainerModule checkpoint (no LLM/adapter identity stored)")
-        self.llm_info.check_matches(saved["llm"], what="checkpoint")
-        check_identity(saved, self._identity(), ("adapter", "injection", "graph_dim", "num_experts"))
-        expected = {key: self.get_parameter(key) for key in trainable_keys(self)}
-        problem = state_mismatch(checkpoint.get("state_dict", {}), expected)
-        if problem:
-            raise ValueError(f"checkpoint adapter weights do not match this module: {problem}")
+        load_validated(self, checkpoint, self._identity(), self.IDENTITY_KEYS, str(where))

@@ -33,8 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from xrec_pl import run_layout
-from xrec_pl.lit.checkpoint import check_identity
-from xrec_pl.lit.explainer import CHECKPOINT_KEY, Decoder, ExplainerModule, OptimizerName
+from xrec_pl.lit.explainer import Decoder, ExplainerModule, OptimizerName
 from xrec_pl.models.decoding import greedy_with_config
 from xrec_pl.utils import check_choice
 
@@ -42,7 +41,6 @@ __all__ = ["PeftExplainerModule", "PeftMethod", "PromptInit"]
 
 PeftMethod = Literal["lora", "prompt_tuning"]
 PromptInit = Literal["vocab", "text", "random"]
-_IDENTITY_KEYS = ("method", "lora_r", "lora_alpha", "target_modules", "num_virtual_tokens")
 # What this class fixes in the explainer: nothing injected, no graph file, no per-id tables.
 _EXPLAINER_FIXED = {"adapter": "none", "injection": "none", "embedding_source": "fixed", "embeddings_path": None}
 
@@ -73,6 +71,16 @@ class PeftExplainerModule(ExplainerModule):
         predictions_file: file name of the predictions JSONL written into ``trainer.default_root_dir``.
         seed: seed of the LLM's new token rows (as the explainer's); the peft weights use the global RNG.
     """
+
+    # the method and its shape first, then the explainer's switches (all "none" here)
+    IDENTITY_KEYS = (
+        "method",
+        "lora_r",
+        "lora_alpha",
+        "target_modules",
+        "num_virtual_tokens",
+        *ExplainerModule.IDENTITY_KEYS,
+    )
 
     def __init__(
         self,
@@ -233,10 +241,3 @@ class PeftExplainerModule(ExplainerModule):
             "target_modules": sorted(hp.target_modules) if lora else None,
             "num_virtual_tokens": None if lora else hp.num_virtual_tokens,
         }
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse checkpoints of another method or peft shape, then validate keys/shapes as the explainer does."""
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved is not None:
-            check_identity(saved, self._identity(), _IDENTITY_KEYS)
-        super().on_load_checkpoint(checkpoint)
