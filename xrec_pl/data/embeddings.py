@@ -122,3 +122,26 @@ def load_reference_pair(folder: Path) -> tuple[Tensor, Tensor]:
     if user.shape[1] != item.shape[1]:
         raise DataError(f"{folder / 'item_emb.pkl'}: dim {item.shape[1]} != user_emb.pkl dim {user.shape[1]}")
     return user, item
+
+
+def load_checked_embeddings(
+    path: str | os.PathLike, dim: int, num_users: int | None = None, num_items: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`load_embeddings`, then check the width (``dim``) and, where given, the number of users and items.
+
+    Raises:
+        DataError: a table of another width or size (the message says which and what to set).
+    """
+    user, item = load_embeddings(path)
+    for name, table, expected in (("user", user, num_users), ("item", item, num_items)):
+        if table.shape[1] != dim:
+            raise DataError(
+                f"{path}: {name} embeddings are {table.shape[1]}-d but graph_dim={dim}; set model.graph_dim to "
+                f"{table.shape[1]}"
+            )
+        if expected is not None and table.shape[0] != expected:
+            raise DataError(
+                f"{path}: the {name} table has {table.shape[0]} rows but the dataset has {expected} {name}s; were "
+                "these embeddings trained on another dataset?"
+            )
+    return user, item

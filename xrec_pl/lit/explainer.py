@@ -8,10 +8,8 @@ Only the adapters train. What each piece does and why:
 - Injection (``EmbeddingInjector``): hooks installed once, here, and kept. ``training_step`` sets the per-batch
   context and ``on_train_batch_end`` (after backward) clears it, so activation checkpointing can re-run the hooked
   forward during backward. Eval and generation use the ``injecting`` context manager.
-- Loss: cross-entropy on the labelled (assistant) tokens only. The LM head is applied to the hidden states of the
-  labelled positions only (``(N, H) @ (H, V)`` instead of ``(B, T, H) @ (H, V)``), which is the same loss as the full
-  logits (tested) at a fraction of the cost for long prompts. This assumes a plain linear head (Llama family; models
-  with logit soft-capping get it applied too).
+- Loss: cross-entropy on the labelled (assistant) tokens only, LM head at those positions only
+  (:mod:`xrec_pl.models.lm_loss`).
 - Checkpoints hold the adapter weights (and optimizer state) only, plus the LLM identity; loading validates both.
 
 Ablation switches (DESIGN §1), all constructor arguments and therefore logged with the run's hparams:
@@ -21,10 +19,8 @@ Ablation switches (DESIGN §1), all constructor arguments and therefore logged w
 - ``injection``: ``"layers"`` (input + every layer's q/k/v; XRec), ``"input"`` (input embeddings only), ``"none"``
   (plain prompt: the reserved tokens *stay in the text* with their untrained embeddings, as in the TMLR study's
   "without injection", so the prompt layout is identical across arms; no adapter is built and nothing trains).
-- ``embedding_source``: ``"graph"`` (stage-1 embeddings from ``embeddings_path``; non-persistent buffers, never in a
-  checkpoint), ``"fixed"`` (one constant vector for all users and one for all items), ``"random"`` (a fixed random
-  vector per id, from ``seed``), ``"redrawn"`` (fresh random vectors at every forward). Random vectors are
-  ``N(0, s^2)`` with ``s`` the standard deviation of the graph tables when ``embeddings_path`` is given, else ``1``.
+- ``embedding_source``: ``"graph"`` (stage-1 embeddings from ``embeddings_path``), ``"fixed"``, ``"random"``,
+  ``"redrawn"`` (:mod:`xrec_pl.models.sources`).
 
 Predictions: ``predict_step`` generates, returns ``{uid, iid, prediction, reference}`` rows and
 ``on_predict_epoch_end`` gathers them from all ranks, orders them by record index and writes
@@ -43,14 +39,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from xrec_pl import run_layout
-from xrec_pl.data.embeddings import load_embeddings
+from xrec_pl.data.embeddings import load_checked_embeddings
 from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.errors import DataError
 from xrec_pl.lit.checkpoint import load_validated, save_trainable
-from xrec_pl.models.adapters import AdapterKind, build_adapter
+from xrec_pl.lit.optim import adam_with_warmup
+from xrec_pl.models.adapters import AdapterKind, build_adapter, eval_mode
 from xrec_pl.models.decoding import greedy_config, greedy_with_config, stop_ids
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
-from xrec_pl.models.llm import get_llm_info, load_frozen_llm
+from xrec_pl.models.llm import get_llm_info, load_frozen_llm, set_layer_checkpointing
 from xrec_pl.models.lm_loss import decoder_hidden_states, token_nll
 from xrec_pl.models.sources import EmbeddingSource, EmbeddingSourceKind
 from xrec_pl.utils import check_choice, write_jsonl
@@ -136,44 +133,26 @@ class ExplainerModule(pl.LightningModule):
         self.llm_info = get_llm_info(self.llm)
         hidden = self.llm_info.hidden_size
 
-        user, item = self._load_tables(num_users, num_items) if embeddings_path else (None, None)
+        user = item = None
+        if embeddings_path:
+            user, item = load_checked_embeddings(embeddings_path, graph_dim, num_users, num_items)
         self.source = EmbeddingSource(embedding_source, graph_dim, seed, user, item, num_users, num_items)
         self.num_users, self.num_items = self.source.num_users, self.source.num_items
 
-        trains = adapter != "none" and injection != "none"
-        if trains:
-            moe = {"num_experts": num_experts, "dropout": adapter_dropout} if adapter == "moe" else {}
-            self.user_adapter = build_adapter(adapter, graph_dim, hidden, **moe)
-            self.item_adapter = build_adapter(adapter, graph_dim, hidden, **moe)
-        else:
-            self.user_adapter = None
-            self.item_adapter = None
+        trains = adapter != "none" and injection != "none"  # nothing is built where nothing would reach the LLM
+        moe = {"num_experts": num_experts, "dropout": adapter_dropout} if adapter == "moe" else {}
+        self.user_adapter = build_adapter(adapter, graph_dim, hidden, **moe) if trains else None
+        self.item_adapter = build_adapter(adapter, graph_dim, hidden, **moe) if trains else None
         # not an nn.Module (it only holds hooks and a reference to the llm); "none" installs nothing
         self.injector = EmbeddingInjector(self.llm, mode=injection if trains else "none").install()
 
         if gradient_checkpointing:
             self.llm.activation_checkpointing_enable({"use_reentrant": False})
-            self._checkpointing_layers(True)
+            set_layer_checkpointing(self.llm, True)
         self._predictions: list[dict[str, Any]] = []
         self._eval_totals = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count) of the running eval epoch
 
     # ------------------------------------------------------------------------------------------ embeddings
-    def _load_tables(self, num_users: int | None, num_items: int | None) -> tuple[Tensor, Tensor]:
-        hp = self.hparams
-        user, item = load_embeddings(hp.embeddings_path)
-        for name, table, expected in (("user", user, num_users), ("item", item, num_items)):
-            if table.shape[1] != hp.graph_dim:
-                raise DataError(
-                    f"{hp.embeddings_path}: {name} embeddings are {table.shape[1]}-d but graph_dim="
-                    f"{hp.graph_dim}; set model.graph_dim to {table.shape[1]}"
-                )
-            if expected is not None and table.shape[0] != expected:
-                raise DataError(
-                    f"{hp.embeddings_path}: the {name} table has {table.shape[0]} rows but the dataset has "
-                    f"{expected} {name}s; were these embeddings trained on another dataset?"
-                )
-        return user, item
-
     def setup(self, stage: str) -> None:
         """Check the tables against the DataModule's dataset sizes; size the ``"random"`` tables from it."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -319,16 +298,9 @@ class ExplainerModule(pl.LightningModule):
         # the reserved tokens and the added pad token have untrained rows in a tied LM head: never emit them
         suppress = self.llm_info.reserved_token_ids.values()
         config = greedy_config(self.tokenizer, self.llm, max_new_tokens or self.hparams.max_new_tokens, suppress)
-        adapters = [m for m in (self.user_adapter, self.item_adapter) if m is not None]
-        modes = [m.training for m in adapters]
-        for m in adapters:
-            m.eval()  # no dropout, no gate noise while generating
-        try:
-            with self.injecting_batch(batch):
-                new_tokens = self.generate_tokens(input_ids, attention_mask, config)  # (B, <= max_new_tokens)
-        finally:
-            for m, mode in zip(adapters, modes):
-                m.train(mode)
+        # no dropout, no gate noise while generating
+        with eval_mode(self.user_adapter, self.item_adapter), self.injecting_batch(batch):
+            new_tokens = self.generate_tokens(input_ids, attention_mask, config)  # (B, <= max_new_tokens)
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def generate_tokens(self, input_ids: Tensor, attention_mask: Tensor, config: Any) -> Tensor:
@@ -394,30 +366,16 @@ class ExplainerModule(pl.LightningModule):
                 "evaluates (use validate/test/predict for this baseline)"
             )
             return None
-        cls = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
-        opt = cls(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        warmup = int(self.hparams.warmup_steps)
-        if warmup <= 0:
-            return opt
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        hp = self.hparams
+        return adam_with_warmup(params, hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
 
     # ------------------------------------------------------------------------------------------ modes
-    def _checkpointing_layers(self, on: bool) -> None:
-        # transformers checkpoints a layer only while `layer.training`; flip that flag alone (not the submodules,
-        # so attention dropout etc. stay off) to let a frozen, eval-mode LLM use activation checkpointing.
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        for module in self.llm.modules():
-            if isinstance(module, GradientCheckpointingLayer):
-                module.training = on
-
     def train(self, mode: bool = True) -> ExplainerModule:
         """Set the adapters' mode; the LLM always stays in eval mode (layer flags aside for checkpointing)."""
         super().train(mode)
         self.llm.eval()
         if self.hparams.gradient_checkpointing:
-            self._checkpointing_layers(mode)
+            set_layer_checkpointing(self.llm, mode)
         return self
 
     # ------------------------------------------------------------------------------------------ checkpoints

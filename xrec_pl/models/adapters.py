@@ -11,6 +11,8 @@ Torch only: importing this module does not import transformers.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -162,3 +164,17 @@ def count_parameters(module: nn.Module | None) -> int:
     if module is None:
         return 0
     return sum(math.prod(p.shape) for p in module.parameters() if p.requires_grad)
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Put ``modules`` (``None`` skipped) in eval mode inside the block, then restore each one's own mode."""
+    present = [m for m in modules if m is not None]
+    modes = [m.training for m in present]
+    for m in present:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(present, modes):
+            m.train(mode)

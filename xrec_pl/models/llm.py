@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from xrec_pl.errors import LLMLoadError
 
@@ -286,3 +287,16 @@ def describe_llm(model, tokenizer, name: str, source: str, added: dict[str, int]
         added_tokens=dict(added),
         pad_token=tokenizer.pad_token,
     )
+
+
+def set_layer_checkpointing(llm: nn.Module, on: bool) -> None:
+    """Let a frozen, eval-mode LLM use activation checkpointing (``on``) or stop it.
+
+    transformers checkpoints a decoder layer only while ``layer.training``; this flips that flag alone (not the
+    submodules', so attention dropout etc. stay off).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in llm.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = on
