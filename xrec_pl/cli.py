@@ -116,16 +116,22 @@ class XrecCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters before anything of ours runs: a damaged file must still
-        # give one line naming it, not a traceback from torch.load.
-        try:
-            super()._parse_ckpt_path()
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as err:
-            from xrec_pl.data.io import DataError
+        # LightningCLI would merge the checkpoint's stored hyperparameters over the config here, silently replacing
+        # options given on the command line (and only for a file path, not for `--ckpt_path last`). xrec-pl has one
+        # rule for both: the config as given is what runs, and CheckpointCheck refuses a resume whose training
+        # settings differ from the checkpoint's, naming each option. Here the file is only checked to be readable
+        # with weights_only=True, so a damaged or malicious file is one line, never a torch.load traceback.
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("http"):
+            from xrec_pl.data.pickles import safe_torch_load
 
-            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-            detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-            raise DataError(f"{ckpt_path}: not a readable checkpoint ({type(err).__name__}: {detail})") from err
+            checkpoint = safe_torch_load(ckpt_path, "checkpoint")
+            if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+                from xrec_pl.data.errors import DataError
+
+                raise DataError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict)")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

@@ -78,5 +78,25 @@ def test_damaged_checkpoint_path_is_one_line(tmp_path, capsys, repo_root):
     config = str(repo_root / "configs" / "stage1" / "synthetic.yaml")
     code = main(["test", "-c", config, "--ckpt_path", str(junk), f"--trainer.default_root_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err.startswith(f"xrec-pl: error: {junk}: not a readable checkpoint")
+    assert code == 2 and err.startswith(f"xrec-pl: error: {junk}: unreadable checkpoint")
     assert junk.read_bytes() == b"PK\x03\x04 not really a checkpoint"
+
+
+def test_explicit_checkpoint_file_follows_the_same_rule_as_last(tmp_path, capsys, repo_root, synthetic_dir):
+    """`--ckpt_path FILE` never replaces options given on the command line: a changed training option is refused
+    (naming it) exactly as with `--ckpt_path last`, and evaluation runs with the options as given."""
+    config = str(repo_root / "configs" / "stage1" / "synthetic.yaml")
+    root = tmp_path / "run"
+    common = ["-c", config, f"--data.data_dir={synthetic_dir}", f"--trainer.default_root_dir={root}"]
+    fast = ["--trainer.enable_progress_bar=false", "--trainer.check_val_every_n_epoch=1"]
+    assert main(["fit", *common, *fast, "--trainer.max_epochs=1"]) == 0
+    ckpt = str(root / "checkpoints" / "last.ckpt")
+    capsys.readouterr()
+    for resume in (ckpt, "last"):
+        code = main(["fit", *common, *fast, "--trainer.max_epochs=2", "--model.lr=0.5", f"--ckpt_path={resume}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "model.lr: 0.005 -> 0.5" in err[0], err
+    code = main(["test", *common, *fast, "--model.num_layers=2", f"--ckpt_path={ckpt}"])
+    assert code == 0  # LightGCN's layer count has no weights: the command line's value is the one that ran
+    latest = max((root / "logs").glob("version_*/config.yaml"), key=lambda p: int(p.parent.name.split("_")[1]))
+    assert "num_layers: 2" in latest.read_text()
