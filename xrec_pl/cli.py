@@ -13,6 +13,7 @@ Bad input (``DataError``, ``ConfigError``) ends the program with one line on std
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,11 @@ class XrecCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        place_run_outputs(cfg.trainer, subcommand=self.subcommand, ckpt_path=cfg.get("ckpt_path"))
+        root = place_run_outputs(cfg.trainer, subcommand=self.subcommand, ckpt_path=cfg.get("ckpt_path"))
+        if self.subcommand is not None:  # a command that runs (not run=False set-up) owns its folder until it ends
+            from xrec_pl.run_lock import lock_run_folder
+
+            lock_run_folder(root)
 
 
 # ----------------------------------------------------------------------------------------------------- tool commands
@@ -277,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0
+    from xrec_pl.run_lock import release_all
+
     try:
         if argv[0] in STAGE_COMMANDS:
             # from the shell LightningCLI reads sys.argv itself (passing both makes it warn)
@@ -293,6 +300,18 @@ def main(argv: list[str] | None = None) -> int:
     except _errors() as err:
         sys.stderr.write(f"xrec-pl: error: {err}\n")
         return 2
+    except SystemExit as stop:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(stop, SIGTERMException):
+            raise
+        # Lightning stops a fit on SIGTERM by raising SIGTERMException() with no code, which would exit 0: a job that
+        # `fit && predict` chains, or a scheduler, must see that the run did not finish.
+        code = stop.code if isinstance(stop.code, int) and stop.code else 128 + int(signal.SIGTERM)
+        sys.stderr.write(f"xrec-pl: stopped by a signal (exit {code}); continue with --ckpt_path last\n")
+        return code
+    finally:
+        release_all()
     return 0
 
 
