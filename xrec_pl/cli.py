@@ -21,6 +21,8 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 STAGE_COMMANDS = ("fit", "validate", "test", "predict")
+# files a stage run writes into its folder (a folder of that name would make the run fail after training)
+RUN_FILES = ("embeddings.safetensors", "metrics.json", "predictions.jsonl", "community_choice.jsonl")
 TOOL_COMMANDS = ("pipeline", "evaluate", "make-synthetic", "convert", "bench", "experiment")
 
 
@@ -137,6 +139,11 @@ class XrecCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         root = place_run_outputs(cfg.trainer, subcommand=self.subcommand, ckpt_path=cfg.get("ckpt_path"))
+        from xrec_pl.outputs import check_output_dir, check_run_files
+
+        data_dir = _get(_init_args(cfg.data), "data_dir") if cfg.get("data") is not None else None
+        check_output_dir(root, "--trainer.default_root_dir", [data_dir])
+        check_run_files(root, RUN_FILES, "--trainer.default_root_dir")
         if self.subcommand is not None:  # a command that runs (not run=False set-up) owns its folder until it ends
             from xrec_pl.run_lock import lock_run_folder
 
@@ -156,8 +163,9 @@ def make_synthetic(out: str = "data/synthetic", seed: int = 0, size: str = "defa
         overwrite: Replace an existing dataset folder.
     """
     from xrec_pl.data.synthetic import make_synthetic as _make
+    from xrec_pl.outputs import check_output_dir
 
-    target = Path(out)
+    target = check_output_dir(out, "--out")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"{target}: folder exists and is not empty; pass --overwrite true to replace it")
     return str(_make(target, seed=seed, size=size))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from xrec_pl.data.io import DataError
+from xrec_pl.outputs import check_output_file
 from xrec_pl.utils import dump_json
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,8 @@ def evaluate_files(
     ``records`` (an XRec split file) restricts the pairs to that split's records, matched by reference text.
     Writes the result as JSON to ``output`` (atomically) when given, and returns it.
     """
+    if output is not None:
+        check_output_file(output, "--output", [predictions_path, references_path, records])
     preds, refs, sources = _load_pair(predictions_path, references_path)
     if records is not None:
         preds, refs, dropped = restrict_to_records(preds, refs, records)
@@ -325,6 +328,8 @@ def compare_files(
     """
     from xrec_pl.metrics.significance import compare_scores
 
+    if output is not None:
+        check_output_file(output, "--output", [a, b, references])
     ref_path = a if references is None else references
     refs = load_texts(ref_path, "reference")
     for path in (a, b):  # a JSONL that carries its own references must agree with the shared ones

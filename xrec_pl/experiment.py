@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from xrec_pl.outputs import check_output_dir
 from xrec_pl.utils import atomic_write_text, dump_json
 
 # The arms the framework knows: stage-2 and stage-1 delta files, and whether stage 2 trains.
@@ -212,7 +213,7 @@ def experiment(
     bad = [a for a in to_run if a not in spec.arms]
     if bad:
         raise ConfigError(f"suite {name!r}: arm(s) {bad} are not in this suite ({spec.arms})")
-    out = Path(spec.out_dir)
+    out = check_output_dir(spec.out_dir, "out_dir", [spec.data_dir])
     _check_results_folder(spec, out)
     started = time.perf_counter()
 

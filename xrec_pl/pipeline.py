@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xrec_pl.outputs import check_output_dir
 from xrec_pl.run_lock import lock_run_folder
 from xrec_pl.utils import dump_json
 
@@ -124,7 +125,7 @@ def pipeline(
     """
     from xrec_pl.evaluate import evaluate_files
 
-    out = Path(out_dir)
+    out = check_output_dir(out_dir, "--out_dir", [data_dir])
     lock_run_folder(out)  # one pipeline per folder; its stage runs lock their own sub-folders
     timings: dict[str, float] = {}
     started = time.perf_counter()
