@@ -16,9 +16,11 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from xrec_pl.error_lines import condense_parse_error, config_file_problem, constructor_error, find_cause
 
 STAGE_COMMANDS = ("fit", "validate", "test", "predict")
 # files a stage run writes into its folder (a folder of that name would make the run fail after training)
@@ -115,7 +117,7 @@ class XrecCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", XrecSaveConfig)
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"prog": "xrec-pl"})
+        kwargs.setdefault("parser_kwargs", {"prog": "xrec-pl", "exit_on_error": False})  # errors -> one line
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -153,7 +155,12 @@ class XrecCLI(LightningCLI):
 # ----------------------------------------------------------------------------------------------------- tool commands
 
 
-def make_synthetic(out: str = "data/synthetic", seed: int = 0, size: str = "default", overwrite: bool = False) -> str:
+def make_synthetic(
+    out: str = "data/synthetic",
+    seed: int = 0,
+    size: Literal["tiny", "default", "smoke"] = "default",
+    overwrite: bool = False,
+) -> str:
     """Write the project's deterministic synthetic dataset in the XRec format.
 
     Args:
@@ -171,7 +178,7 @@ def make_synthetic(out: str = "data/synthetic", seed: int = 0, size: str = "defa
     return str(_make(target, seed=seed, size=size))
 
 
-def convert(src: str, dst: str, format: str = "parquet", overwrite: bool = False) -> list[str]:
+def convert(src: str, dst: str, format: Literal["parquet", "jsonl"] = "parquet", overwrite: bool = False) -> list[str]:
     """Convert an XRec data folder's pickles to a plain format once, so later reads never unpickle.
 
     Args:
@@ -282,6 +289,18 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (DataError, ConfigError, LLMLoadError)
 
 
+def _error_line(err: BaseException) -> str | None:
+    """The one line for bad input (ours, wrapped by jsonargparse, a parse error, a constructor check), else None."""
+    from jsonargparse import ArgumentError
+
+    ours = find_cause(err, _errors())
+    if ours is not None:
+        return " ".join(str(ours).split("\n"))
+    if isinstance(err, ArgumentError):
+        return condense_parse_error(str(err))
+    return constructor_error(err, ("xrec_pl", "callbacks", "data_modules", "lit", "models", "data", "metrics"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``xrec-pl`` console script."""
     _offline_defaults()
@@ -293,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     from xrec_pl.run_lock import release_all
 
     try:
+        problem = config_file_problem(argv)
+        if problem is not None:
+            raise ConfigError(problem)
         if argv[0] in STAGE_COMMANDS:
             # from the shell LightningCLI reads sys.argv itself (passing both makes it warn)
             XrecCLI(args=None if from_command_line else argv)
@@ -301,12 +323,15 @@ def main(argv: list[str] | None = None) -> int:
 
             # `-c` as in the stage commands (jsonargparse's function CLIs only know `--config`)
             argv = ["--config" if arg == "-c" else arg for arg in argv]
-            CLI(_tool_functions(), args=argv, as_positional=False, prog="xrec-pl")
+            CLI(_tool_functions(), args=argv, as_positional=False, prog="xrec-pl", exit_on_error=False)
         else:
             sys.stderr.write(f"xrec-pl: error: unknown command {argv[0]!r}\n\n{USAGE}")
             return 2
-    except _errors() as err:
-        sys.stderr.write(f"xrec-pl: error: {err}\n")
+    except Exception as err:
+        line = _error_line(err)
+        if line is None:
+            raise
+        sys.stderr.write(f"xrec-pl: error: {line}\n")
         return 2
     except SystemExit as stop:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
