@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from xrec_pl import run_layout
+from xrec_pl.data.pickles import require_inside, torch_load_error
 from xrec_pl.errors import DataError
 from xrec_pl.lit.checkpoint import state_mismatch
 
@@ -284,6 +285,7 @@ class CheckpointCheck(pl.Callback):
         """Raise ``DataError`` if ``checkpoint`` (loaded from ``path``) cannot be used by this run."""
         if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
             raise DataError(f"{path}: not a Lightning checkpoint (no state_dict)")
+        _check_checkpoint_paths(path, checkpoint, trainer)
         if getattr(pl_module, "strict_loading", True):
             problem = state_mismatch(checkpoint["state_dict"], pl_module.state_dict(), limit=3)
             if problem and problem.startswith("missing"):
@@ -321,11 +323,11 @@ class _CheckedIO(CheckpointIO):
     def load_checkpoint(self, path: Any, map_location: Any = None, **kwargs: Any) -> dict[str, Any]:
         if not Path(path).is_file():
             raise DataError(f"{path}: checkpoint not found")
+        kwargs["weights_only"] = True  # a checkpoint never runs code, whatever the caller asked for
         try:
             checkpoint = self.inner.load_checkpoint(path, map_location=map_location, **kwargs)
         except Exception as err:  # torch.load raises many types for damaged files (RuntimeError, EOFError, ...)
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DataError(f"{path}: unreadable checkpoint (truncated or corrupted?): {reason[:200]}") from None
+            raise torch_load_error(path, err) from None
         self._check.check(path, checkpoint, self._trainer, self._module, self._stage)
         return checkpoint
 
@@ -355,3 +357,27 @@ def _changed(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str, allo
         if before != after:
             out.append(f"{prefix}.{key}: {before!r} -> {after!r}")
     return out
+
+
+def _check_checkpoint_paths(path: Any, checkpoint: Mapping[str, Any], trainer: pl.Trainer) -> None:
+    """Refuse a checkpoint whose ``ModelCheckpoint`` state names files outside its own folder.
+
+    When the stored ``dirpath`` is this run's checkpoint folder, Lightning restores ``best_model_path``,
+    ``best_k_models`` and friends from the file, loads the best one at the end of the run and deletes the paths it
+    replaces: an edited checkpoint could point either anywhere. (A run folder that was moved keeps its old
+    ``dirpath``; Lightning then ignores those paths, and so does this check.)
+    """
+    mine = {Path(str(cb.dirpath)).resolve() for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if not str(key).startswith("ModelCheckpoint") or not isinstance(state, Mapping):
+            continue
+        folder = state.get("dirpath")
+        if not isinstance(folder, str) or Path(folder).resolve() not in mine:
+            continue
+        named = [state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
+        best_k = state.get("best_k_models") or {}
+        named += list(best_k.keys()) if isinstance(best_k, Mapping) else [best_k]
+        for name in (n for n in named if n):
+            if not isinstance(name, str):
+                raise DataError(f"{path}: malformed ModelCheckpoint state ({type(name).__name__} where a path belongs)")
+            require_inside(name, folder, f"a file named by checkpoint {path}")

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from xrec_pl.data.graph import ItemSets, NegativeSampler, normalized_adjacency
 from xrec_pl.data.io import read_interactions, read_para_dict
 from xrec_pl.data.sampler import ResumableDataLoader, ResumableSampler
+from xrec_pl.errors import DataError
 
 __all__ = ["InteractionDataModule", "TripleDataset", "UserDataset"]
 
@@ -172,6 +173,13 @@ class InteractionDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self._train is None:
+            self.interactions("val")  # a broken validation file stops the run before training, not after an epoch
+            full = torch.nonzero(self.train_items.counts() >= self.num_items).flatten()
+            if full.numel():
+                raise DataError(
+                    f"{Path(self.data_dir) / 'total_trn.csv'}: user {int(full[0])} has interacted with all "
+                    f"{self.num_items} items; BPR training needs a negative item for every user"
+                )
             negatives = NegativeSampler(self.train_items, seed=self.seed)
             self._train = TripleDataset(self.interactions("trn"), negatives, resample=self.resample_negatives)
 

@@ -12,15 +12,13 @@ Bad input (``DataError``, ``ConfigError``) ends the program with one line on std
 
 from __future__ import annotations
 
-import re
+import signal
 import sys
-from pathlib import Path
 from typing import Any
-
-from jsonargparse import ArgumentError
 
 from xrec_pl.data.convert import RecordFormat
 from xrec_pl.data.synthetic import SyntheticSize
+from xrec_pl.error_lines import condense_parse_error, config_file_problem, constructor_error, find_cause
 from xrec_pl.errors import CLI_ERRORS, ConfigError
 from xrec_pl.tools.stage_cli import XrecCLI, offline_defaults
 
@@ -32,7 +30,10 @@ TOOL_COMMANDS = ("pipeline", "evaluate", "make-synthetic", "convert", "bench", "
 
 
 def make_synthetic(
-    out: str = "data/synthetic", seed: int = 0, size: SyntheticSize = "default", overwrite: bool = False
+    out: str = "data/synthetic",
+    seed: int = 0,
+    size: SyntheticSize = "default",
+    overwrite: bool = False,
 ) -> str:
     """Write the project's deterministic synthetic dataset in the XRec format.
 
@@ -43,8 +44,9 @@ def make_synthetic(
         overwrite: Replace an existing dataset folder.
     """
     from xrec_pl.data.synthetic import make_synthetic as _make
+    from xrec_pl.outputs import check_output_dir
 
-    target = Path(out)
+    target = check_output_dir(out, "--out")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"{target}: folder exists and is not empty; pass --overwrite true to replace it")
     return str(_make(target, seed=seed, size=size))
@@ -154,30 +156,16 @@ Tools:
 """
 
 
-_NOISE = re.compile(
-    r"^(-\s*)?(Does not validate against|Subtypes:|Errors:|Given value|Expected a <class 'NoneType'>|Problem with)"
-)
+def _error_line(err: BaseException) -> str | None:
+    """The one line for bad input (ours, wrapped by jsonargparse, a parse error, a constructor check), else None."""
+    from jsonargparse import ArgumentError
 
-
-def argument_error_line(message: str) -> str:
-    """One line from jsonargparse's nested parse error: the option's full key and the innermost complaint.
-
-    ``Parser key "model": ... Parser key "adapter": Expected a typing.Literal['moe', 'linear', 'none']. Got value:
-    moee`` becomes ``--model.adapter: expected one of 'moe', 'linear', 'none', got 'moee'``.
-    """
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    lines = [line for line in lines if not _NOISE.match(line)] or lines[:1] or ["bad arguments"]
-    keys, detail = [], lines[-1]
-    for i, line in enumerate(lines):
-        key = re.match(r'Parser key "([^"]+)":\s*(.*)$', line)
-        if key:
-            keys.append(key.group(1))
-            detail = key.group(2) or (lines[i + 1] if i + 1 < len(lines) else detail)
-    detail = detail.lstrip("- ")
-    choices = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)$", detail)
-    if choices:
-        detail = f"expected one of {choices.group(1)}, got {choices.group(2)!r}"
-    return f"--{'.'.join(keys)}: {detail}" if keys else detail
+    ours = find_cause(err, CLI_ERRORS)
+    if ours is not None:
+        return " ".join(str(ours).split("\n"))
+    if isinstance(err, ArgumentError):
+        return condense_parse_error(str(err))
+    return constructor_error(err, ("xrec_pl", "callbacks", "data_modules", "lit", "models", "data", "metrics"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0
+    from xrec_pl.run_lock import release_all
+
     try:
+        problem = config_file_problem(argv)
+        if problem is not None:
+            raise ConfigError(problem)
         if argv[0] in STAGE_COMMANDS:
             # from the shell LightningCLI reads sys.argv itself (passing both makes it warn)
             XrecCLI(args=None if from_command_line else argv)
@@ -201,12 +194,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stderr.write(f"xrec-pl: error: unknown command {argv[0]!r}\n\n{USAGE}")
             return 2
-    except CLI_ERRORS as err:
-        sys.stderr.write(f"xrec-pl: error: {err}\n")
+    except Exception as err:
+        line = _error_line(err)
+        if line is None:
+            raise
+        sys.stderr.write(f"xrec-pl: error: {line}\n")
         return 2
-    except ArgumentError as err:
-        sys.stderr.write(f"xrec-pl: error: {argument_error_line(str(err))} (see: xrec-pl {argv[0]} --help)\n")
-        return 2
+    except SystemExit as stop:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(stop, SIGTERMException):
+            raise
+        # Lightning stops a fit on SIGTERM by raising SIGTERMException() with no code, which would exit 0: a job that
+        # `fit && predict` chains, or a scheduler, must see that the run did not finish.
+        code = stop.code if isinstance(stop.code, int) and stop.code else 128 + int(signal.SIGTERM)
+        sys.stderr.write(f"xrec-pl: stopped by a signal (exit {code}); continue with --ckpt_path last\n")
+        return code
+    finally:
+        release_all()
     return 0
 
 

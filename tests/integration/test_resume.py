@@ -207,3 +207,25 @@ def test_sigusr1_writes_last_at_the_current_step_and_resumes_exactly(synthetic_d
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_tensors(last, stage2_straight / "last.ckpt")
+
+
+def test_sigterm_saves_exits_143_and_resumes(synthetic_dir, tmp_path):
+    """SIGTERM mid-epoch: last.ckpt at the current step, exit status 143 (not 0: `fit && predict` must not go on)."""
+    root, marker = tmp_path / "run", tmp_path / "paused"
+    cfg = _callbacks_yaml(tmp_path / "term.yaml", pause=(2, marker), every_step=False)
+    proc = start("fit", stage1_args(synthetic_dir, root, *STAGE1, "-c", str(cfg)), tmp_path / "term.log")
+    try:
+        wait_for(marker, proc)
+        proc.send_signal(signal.SIGTERM)
+        Path(f"{marker}.go").touch()
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, (tmp_path / "term.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "term.log").read_text()
+    assert "xrec-pl: stopped by a signal (exit 143)" in log and "Traceback" not in log
+    last = root / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+    resume_cfg = _callbacks_yaml(tmp_path / "r.yaml", every_step=False)
+    done = run("fit", stage1_args(synthetic_dir, root, *STAGE1, "-c", str(resume_cfg), "--ckpt_path=last"))
+    assert done.returncode == 0, done.stderr[-3000:]

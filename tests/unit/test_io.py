@@ -177,7 +177,7 @@ def _write_csv(path: Path, text: str) -> None:
         ("user,item\n", "no interactions"),
         ("", "empty file"),
         ("user,item\n0,x\n", "non-integer value 'x' (line 2)"),
-        ("user,item\n0,1.5\n", "non-integer value 1.5"),
+        ("user,item\n0,1.5\n", "non-integer value '1.5'"),
     ],
 )
 def test_bad_interactions(data_copy: Path, text: str, message: str) -> None:

@@ -19,12 +19,16 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("xrec_pl", "data_modules", "callbacks")
 
 # Lower numbers are lower layers; a module may import its own layer and the ones below. The longest matching prefix
-# decides. errors / run_layout / utils / the package __init__ hold no project imports and sit below everything.
+# decides, except that "xrec_pl" names the package's __init__ alone: a new top-level module must be placed here.
+# The base (errors, run_layout, utils, outputs, run_lock, error_lines) imports nothing above it and sits below all.
 LAYERS: dict[str, int] = {
     "xrec_pl": 0,
     "xrec_pl.errors": 0,
     "xrec_pl.run_layout": 0,
     "xrec_pl.utils": 0,
+    "xrec_pl.outputs": 0,
+    "xrec_pl.run_lock": 0,
+    "xrec_pl.error_lines": 0,
     "xrec_pl.models": 1,
     "xrec_pl.data": 2,
     "xrec_pl.metrics": 2,
@@ -35,6 +39,9 @@ LAYERS: dict[str, int] = {
     "xrec_pl.tools": 5,
     "xrec_pl.cli": 6,
 }
+
+
+EXACT = {"xrec_pl"}  # entries that name one module, never a prefix
 
 
 @dataclass
@@ -114,7 +121,7 @@ def build_graph(sources: dict[str, str], packages: set[str] | None = None) -> Gr
 
 def layer_of(module: str, layers: dict[str, int]) -> int:
     """The layer of ``module``: the entry with the longest matching prefix."""
-    matches = [p for p in layers if module == p or module.startswith(p + ".")]
+    matches = [p for p in layers if module == p or (p not in EXACT and module.startswith(p + "."))]
     if not matches:
         raise KeyError(f"{module}: no layer in the map; add it to LAYERS")
     return layers[max(matches, key=len)]

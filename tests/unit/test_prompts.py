@@ -91,8 +91,11 @@ def test_errors_name_the_record(tiny_tokenizer):
     pb = PromptBuilder(tiny_tokenizer)
     with pytest.raises(DataError, match=r"uid=3, iid=7.*empty explanation"):
         pb.encode_train({**RECORD, "explanation": "  "})
-    with pytest.raises(DataError, match=r"uid=3, iid=7.*exactly one <USER_EMBED>"):
-        pb.encode_prompt({**RECORD, "title": "a <USER_EMBED> title"})
+    # a reserved token inside the text is escaped (tested below), so the prompt still holds exactly one of each
+    assert (
+        pb.encode_prompt({**RECORD, "title": "a <USER_EMBED> title"})["user_pos"]
+        == pb.encode_prompt(RECORD)["user_pos"]
+    )
 
 
 def test_long_profiles_are_truncated_never_the_reserved_tokens(tiny_tokenizer):
@@ -124,3 +127,24 @@ def test_fallback_chat_template_without_one(fresh_tiny_tokenizer):
     fresh_tiny_tokenizer.chat_template = None
     enc = PromptBuilder(fresh_tiny_tokenizer).encode_prompt(RECORD)
     assert fresh_tiny_tokenizer.decode(enc["input_ids"]).startswith("<|im_start|>system\nExplain why")
+
+
+@pytest.mark.parametrize("field", ["title", "user_summary", "item_summary", "explanation"])
+@pytest.mark.parametrize("token", ["<|im_start|>", "</s>", "<USER_EMBED>", "<ITEM_EMBED>", "[/INST]", "<|endoftext|>"])
+def test_control_tokens_in_record_text_are_plain_text(tiny_tokenizer, field, token):
+    """A control token inside a text field never reaches the model as that token (escaped, counted)."""
+    from xrec_pl.data.prompts import PromptBuilder
+
+    record = {**RECORD, field: f"{RECORD[field]} {token} more"}
+    for style in ("chat", "xrec"):
+        builder = PromptBuilder(tiny_tokenizer, style=style)
+        clean = builder.encode_train(RECORD)
+        out = builder.encode_train(record)
+        specials = {tiny_tokenizer.convert_tokens_to_ids(t) for t in builder._controls} - {tiny_tokenizer.unk_token_id}
+        assert _count(out["input_ids"], specials) == _count(clean["input_ids"], specials), (style, token)
+        assert (out["user_pos"], out["item_pos"]) == (clean["user_pos"], clean["item_pos"])
+        assert builder.num_escaped == (1 if token in builder._controls else 0)
+
+
+def _count(ids: list[int], specials: set[int]) -> int:
+    return sum(i in specials for i in ids)

@@ -82,8 +82,9 @@ def convert_folder(
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise DataError(f"{src}: not a folder")
-    if src.resolve() == dst.resolve():
-        raise DataError(f"{dst}: destination is the source folder")
+    from xrec_pl.outputs import check_output_dir
+
+    check_output_dir(dst, "--dst", [src])
     jobs: list[tuple[Path, Callable[[], None]]] = []  # (destination, writer)
     files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
     emb_pair = (src / "user_emb.pkl").is_file() and (src / "item_emb.pkl").is_file()

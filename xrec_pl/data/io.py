@@ -80,6 +80,16 @@ def read_para_dict(data_dir: str | os.PathLike) -> dict:
         DataError: missing file, missing key, wrong lengths or ids out of range.
     """
     path = _para_dict_path(Path(data_dir))
+    try:
+        return _read_para_dict(path)
+    except DataError as err:
+        others = [p.name for p in (path.with_name("para_dict.pickle"), path.with_name("para_dict.pkl")) if p.is_file()]
+        if path.suffix == ".json" and others:  # say which of two files was read: a stale JSON hides the pickle
+            raise DataError(f"{err} [read instead of {others[0]} beside it; remove the stale file]") from None
+        raise
+
+
+def _read_para_dict(path: Path) -> dict:
     if path.suffix == ".json":
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -125,7 +135,9 @@ def read_interactions(data_dir: str | os.PathLike, split: str, num_users: int, n
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path)
+        # ids are read as text: a number such as 2**63 or 1e400 would otherwise be wrapped or rounded before the
+        # check, and the message would not show what the file holds
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     except pd.errors.EmptyDataError as err:
         raise DataError(f"{path}: empty file (expected a header 'user,item' and rows)") from err
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as err:
@@ -137,15 +149,15 @@ def read_interactions(data_dir: str | os.PathLike, split: str, num_users: int, n
         raise DataError(f"{path}: no interactions")
     pairs = np.empty((len(df), 2), dtype=np.int64)  # (N, 2)
     for j, (col, bound) in enumerate((("user", num_users), ("item", num_items))):
-        values = df[col]
-        if not pd.api.types.is_integer_dtype(values.dtype):
-            bad = pd.to_numeric(values, errors="coerce")
-            bad_rows = np.flatnonzero(bad.isna().to_numpy() | (bad % 1 != 0).to_numpy())
-            first = int(bad_rows[0]) if bad_rows.size else 0
-            value = values.iloc[first]
-            value = value.item() if isinstance(value, np.generic) else value
-            raise DataError(f"{path}: column '{col}' holds a non-integer value {value!r} (line {first + 2})")
-        arr = values.to_numpy(dtype=np.int64)
+        text = df[col].str.strip()
+        integer = text.str.fullmatch(r"-?\d{1,18}").to_numpy(dtype=bool)
+        if not integer.all():
+            first = int(np.flatnonzero(~integer)[0])
+            raise DataError(
+                f"{path}: column '{col}' holds a non-integer value {df[col].iloc[first][:40]!r} (line {first + 2}); "
+                f"ids are integers in [0, {bound})"
+            )
+        arr = pd.to_numeric(text).to_numpy(dtype=np.int64)
         bad_rows = np.flatnonzero((arr < 0) | (arr >= bound))
         if bad_rows.size:
             first = int(bad_rows[0])

@@ -100,6 +100,8 @@ class PromptBuilder:
         self.profiles = profiles
         self.max_length = int(max_length)
         self.num_truncated = 0
+        self.num_escaped = 0  # records whose text held a control token (escaped, see escape_control_tokens)
+        self._controls = control_tokens(tokenizer)
         self.user_token_id = self._single_token_id(USER_TOKEN)
         self.item_token_id = self._single_token_id(ITEM_TOKEN)
         if tokenizer.eos_token_id is None:
@@ -110,6 +112,13 @@ class PromptBuilder:
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         bos = tokenizer.bos_token_id
         self._xrec_bos = tokenizer.bos_token if bos is not None and probe and probe[0] == bos else ""
+
+    def _text(self, value: Any) -> str:
+        text = str(value).strip()
+        escaped = escape_control_tokens(text, self._controls)
+        if escaped != text:
+            self.num_escaped += 1
+        return escaped
 
     def _single_token_id(self, token: str) -> int:
         ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
@@ -169,7 +178,7 @@ class PromptBuilder:
         Raises:
             DataError: empty explanation, reserved token count != 1, too long even with profiles truncated.
         """
-        explanation = str(record["explanation"]).strip()
+        explanation = self._text(record["explanation"])
         if not explanation:
             raise DataError(f"record (uid={record['uid']}, iid={record['iid']}): empty explanation")
         target = self._target_ids(explanation)
@@ -209,9 +218,9 @@ class PromptBuilder:
 
     def _fit(self, record: Mapping[str, Any], extra: int) -> tuple[list[int], list[int]]:
         """Prompt parts whose length plus ``extra`` fits ``max_length``, truncating profiles if needed."""
-        title = str(record["title"]).strip()
-        user_summary = str(record.get("user_summary", "")).strip() if self.profiles else ""
-        item_summary = str(record.get("item_summary", "")).strip() if self.profiles else ""
+        title = self._text(record["title"])
+        user_summary = self._text(record.get("user_summary", "")) if self.profiles else ""
+        item_summary = self._text(record.get("item_summary", "")) if self.profiles else ""
         head, tail = self._prompt_parts(title, user_summary, item_summary)
         total = len(head) + len(tail) + extra
         if total <= self.max_length:
@@ -235,6 +244,29 @@ class PromptBuilder:
             + (" even with both profiles truncated" if self.profiles else "")
             + f" ({extra} target tokens); raise max_length or shorten the title/explanation"
         )
+
+
+def control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """Every string the tokenizer reads as one special token (chat markers, BOS/EOS, the reserved tokens), longest
+    first, plus the plain-text markers of the prompt layouts (``[INST]``, ``<<SYS>>`` and their closing forms)."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    found |= {getattr(tok, "content", str(tok)) for tok in added.values()}
+    found |= {USER_TOKEN, ITEM_TOKEN, "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<|im_start|>", "<|im_end|>"}
+    return tuple(sorted((t for t in found if t and len(t) > 1), key=len, reverse=True))
+
+
+def escape_control_tokens(text: str, controls: tuple[str, ...]) -> str:
+    """Break every control-token string inside record text so it is tokenised as plain text, never as the token.
+
+    A profile or explanation holding ``<|im_start|>``, ``</s>`` or ``<USER_EMBED>`` would otherwise open a new chat
+    turn, end the sequence, or move the injection point. A space after the first character keeps the text
+    readable (``< |im_start|>``) and no tokenizer merges it back into the special token.
+    """
+    for token in controls:
+        if token in text:
+            text = text.replace(token, f"{token[0]} {token[1:]}")
+    return text
 
 
 def _trim_longest_first(a: list[int], b: list[int], excess: int) -> tuple[list[int], list[int]]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from xrec_pl.errors import DataError
+from xrec_pl.outputs import check_output_file
 from xrec_pl.utils import dump_json
 
 log = logging.getLogger(__name__)
@@ -61,32 +62,41 @@ def load_texts(path: str | os.PathLike, field: str = "prediction") -> list[str]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         texts = []
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from err
-                if not isinstance(row, dict) or field not in row:
-                    found = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                    raise DataError(f"{path}: line {lineno}: missing field {field!r} (found: {found})")
-                texts.append(_check_text(path, f"line {lineno}", row[field], field))
+        for lineno, line in enumerate(_utf8_lines(path), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(row, dict) or field not in row:
+                found = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+                raise DataError(f"{path}: line {lineno}: missing field {field!r} (found: {found})")
+            texts.append(_check_text(path, f"line {lineno}", row[field], field))
         return texts
     if suffix in (".pkl", ".pickle", ".parquet"):
         if suffix == ".parquet":
             import pandas as pd
 
-            obj: Any = pd.read_parquet(path)
+            try:
+                obj: Any = pd.read_parquet(path)
+            except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
+                raise DataError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0][:160]})") from None
         else:
             from xrec_pl.data.io import safe_load_pickle
 
             obj = safe_load_pickle(path)
         return _texts_from_object(path, obj, field)
     if suffix == ".txt":
-        return path.read_text(encoding="utf-8").splitlines()
+        return _utf8_lines(path)
     raise DataError(f"{path}: unsupported file type {suffix!r} (expected .jsonl, .pkl, .pickle, .parquet or .txt)")
+
+
+def _utf8_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); is it a binary file?") from None
 
 
 def _texts_from_object(path: Path, obj: Any, field: str) -> list[str]:
@@ -282,6 +292,17 @@ def restrict_to_records(
     return [preds[i] for i in keep], [refs[i] for i in keep], len(refs) - len(keep)
 
 
+def check_metric_names(metrics: Sequence[str]) -> None:
+    """Raise ``DataError`` naming ``--metrics`` for an unknown metric, before any file is read or scored."""
+    from xrec_pl.metrics import METRICS
+
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    unknown = [m for m in metrics if str(m).lower().replace("-", "_") not in METRICS]
+    if unknown:
+        raise DataError(f"--metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+
+
 def evaluate_files(
     predictions_path: str | os.PathLike,
     references_path: str | os.PathLike | None = None,
@@ -295,6 +316,9 @@ def evaluate_files(
     ``records`` (an XRec split file) restricts the pairs to that split's records, matched by reference text.
     Writes the result as JSON to ``output`` (atomically) when given, and returns it.
     """
+    check_metric_names(metrics or DEFAULT_METRICS)
+    if output is not None:
+        check_output_file(output, "--output", [predictions_path, references_path, records])
     preds, refs, sources = _load_pair(predictions_path, references_path)
     if records is not None:
         preds, refs, dropped = restrict_to_records(preds, refs, records)
@@ -325,6 +349,9 @@ def compare_files(
     """
     from xrec_pl.metrics.significance import compare_scores
 
+    check_metric_names(metrics)
+    if output is not None:
+        check_output_file(output, "--output", [a, b, references])
     ref_path = a if references is None else references
     refs = load_texts(ref_path, "reference")
     for path in (a, b):  # a JSONL that carries its own references must agree with the shared ones

@@ -20,6 +20,7 @@ from typing import Any
 from xrec_pl import run_layout
 from xrec_pl.data.synthetic import SyntheticSize
 from xrec_pl.errors import ConfigError
+from xrec_pl.outputs import check_output_dir
 from xrec_pl.tools.report import write_report
 from xrec_pl.tools.suite import ARMS, Suite, validate_suite
 from xrec_pl.utils import dump_json
@@ -126,7 +127,7 @@ def experiment(
     bad = [a for a in to_run if a not in spec.arms]
     if bad:
         raise ConfigError(f"suite {name!r}: arm(s) {bad} are not in this suite ({spec.arms})")
-    out = Path(spec.out_dir)
+    out = check_output_dir(spec.out_dir, "out_dir", [spec.data_dir])
     _check_results_folder(spec, out)
     started = time.perf_counter()
 

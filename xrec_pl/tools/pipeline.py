@@ -23,6 +23,8 @@ from typing import Any
 from xrec_pl import run_layout
 from xrec_pl.data.synthetic import SyntheticSize
 from xrec_pl.errors import ConfigError
+from xrec_pl.outputs import check_output_dir
+from xrec_pl.run_lock import lock_run_folder
 from xrec_pl.utils import dump_json
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -124,8 +126,8 @@ def pipeline(
     """
     from xrec_pl.tools.evaluate import evaluate_files
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir, "--out_dir", [data_dir])
+    lock_run_folder(out)  # one pipeline per folder; its stage runs lock their own sub-folders
     timings: dict[str, float] = {}
     started = time.perf_counter()
 

@@ -14,6 +14,9 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from xrec_pl import run_layout
 from xrec_pl.errors import ConfigError, DataError
 
+# files a stage run writes into its folder (a folder of that name would make the run fail after training)
+RUN_FILES = (run_layout.EMBEDDINGS, run_layout.METRICS, run_layout.PREDICTIONS, run_layout.COMMUNITY_CHOICE)
+
 
 def offline_defaults() -> None:
     """Keep every model hub offline unless the user set the variables (the framework never downloads)."""
@@ -101,20 +104,34 @@ class XrecCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_callback", XrecSaveConfig)
         kwargs.setdefault("auto_configure_optimizers", False)
-        # a bad option raises ArgumentError (xrec_pl.cli prints it as one line) instead of printing the whole usage
-        kwargs.setdefault("parser_kwargs", {"prog": "xrec-pl", "exit_on_error": False})
+        kwargs.setdefault("parser_kwargs", {"prog": "xrec-pl", "exit_on_error": False})  # errors -> one line
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters before anything of ours runs: a damaged file must still
-        # give one line naming it, not a traceback from torch.load.
-        try:
-            super()._parse_ckpt_path()
-        except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as err:
-            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-            detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-            raise DataError(f"{ckpt_path}: not a readable checkpoint ({type(err).__name__}: {detail})") from err
+        # LightningCLI would merge the checkpoint's stored hyperparameters over the config here, silently replacing
+        # options given on the command line (and only for a file path, not for `--ckpt_path last`). xrec-pl has one
+        # rule for both: the config as given is what runs, and CheckpointCheck refuses a resume whose training
+        # settings differ from the checkpoint's, naming each option. Here the file is only checked to be readable
+        # with weights_only=True, so a damaged or malicious file is one line, never a torch.load traceback.
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("http"):
+            from xrec_pl.data.pickles import safe_torch_load
+
+            checkpoint = safe_torch_load(ckpt_path, "checkpoint")
+            if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+                raise DataError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict)")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        place_run_outputs(cfg.trainer, subcommand=self.subcommand, ckpt_path=cfg.get("ckpt_path"))
+        root = place_run_outputs(cfg.trainer, subcommand=self.subcommand, ckpt_path=cfg.get("ckpt_path"))
+        from xrec_pl.outputs import check_output_dir, check_run_files
+
+        data_dir = _get(_init_args(cfg.data), "data_dir") if cfg.get("data") is not None else None
+        check_output_dir(root, "--trainer.default_root_dir", [data_dir])
+        check_run_files(root, RUN_FILES, "--trainer.default_root_dir")
+        if self.subcommand is not None:  # a command that runs (not run=False set-up) owns its folder until it ends
+            from xrec_pl.run_lock import lock_run_folder
+
+            lock_run_folder(root)

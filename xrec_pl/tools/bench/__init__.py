@@ -39,6 +39,9 @@ def bench(
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ConfigError(f"bench: unknown part(s) {unknown}; choose from {list(PARTS)}")
+    from xrec_pl.outputs import check_output_file
+
+    check_output_file(out, "--out")
     results: dict[str, Any] = {"machine": machine_header()}
     if "stage1" in parts:
         from xrec_pl.tools.bench.stage1 import run_stage1_bench
