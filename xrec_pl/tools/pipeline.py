@@ -146,25 +146,25 @@ def pipeline(
     stage1_dir, stage2_dir = out / run_layout.STAGE1_DIR, out / run_layout.STAGE2_DIR
     if embeddings is None:
         emb_path = stage1_dir / run_layout.EMBEDDINGS
-        if emb_path.exists():
-            _write(f"[xrec-pl] stage 1 already finished: using {emb_path}")
-        else:
-            t0 = time.perf_counter()
-            _write("[xrec-pl] stage 1: LightGCN")
-            run_stage(stage1_config, stage1_dir, data, list(stage1_args or []), seed)
-            timings["stage1_s"] = time.perf_counter() - t0
+        _unless_done(
+            "stage1",
+            "LightGCN",
+            emb_path,
+            lambda: run_stage(stage1_config, stage1_dir, data, list(stage1_args or []), seed),
+            timings,
+        )
     else:
         emb_path = Path(embeddings)
 
     predictions = stage2_dir / run_layout.PREDICTIONS
-    if predictions.exists():
-        _write(f"[xrec-pl] stage 2 already finished: using {predictions}")
-    else:
-        t0 = time.perf_counter()
-        _write("[xrec-pl] stage 2: explainer")
-        overrides = [f"--model.init_args.embeddings_path={emb_path}", *(stage2_args or [])]
-        run_stage(stage2_config, stage2_dir, data, overrides, seed, fit=train_stage2, test=False, predict=True)
-        timings["stage2_s"] = time.perf_counter() - t0
+    overrides = [f"--model.init_args.embeddings_path={emb_path}", *(stage2_args or [])]
+    _unless_done(
+        "stage2",
+        "explainer",
+        predictions,
+        lambda: run_stage(stage2_config, stage2_dir, data, overrides, seed, fit=train_stage2, test=False, predict=True),
+        timings,
+    )
 
     t0 = time.perf_counter()
     scores = evaluate_files(str(predictions), None, metrics=tuple(metrics or ("usr", "bertscore")), per_sample=True)
@@ -188,6 +188,18 @@ def pipeline(
     dump_json(timings_path, {**previous, **timings})
     _report(result, predictions, show)
     return result
+
+
+def _unless_done(step: str, what: str, output: Path, run: Any, timings: dict[str, float]) -> None:
+    """Run one pipeline step unless its output exists (a resumed pipeline); time it into ``timings[step + "_s"]``."""
+    number = step.removeprefix("stage")
+    if output.exists():
+        _write(f"[xrec-pl] stage {number} already finished: using {output}")
+        return
+    t0 = time.perf_counter()
+    _write(f"[xrec-pl] stage {number}: {what}")
+    run()
+    timings[f"{step}_s"] = time.perf_counter() - t0
 
 
 def _add_community_choice(stage2_dir: Path, scores: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
