@@ -49,8 +49,13 @@ def lock_run_folder(folder: str | os.PathLike) -> Path | None:
         raise DataError(f"{root}: run folder is a file, not a folder")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a lock file replaced by a link to another file must not make us truncate that file
+        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as err:
+        if (root / LOCK_NAME).is_symlink():
+            raise DataError(
+                f"{root / LOCK_NAME}: is a link; remove it (a run folder's lock must be a plain file)"
+            ) from None
         raise DataError(f"{root}: cannot write into the run folder ({err.strerror or err})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

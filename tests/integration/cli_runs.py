@@ -118,3 +118,21 @@ class PauseAtStep(pl.Callback):
             deadline = time.monotonic() + self.seconds
             while time.monotonic() < deadline and not Path(self.marker + ".go").exists():
                 time.sleep(0.05)
+
+
+class KillDuringSave(pl.Callback):
+    """Test helper: when the checkpoint of ``step`` starts being written, SIGKILL this process ``delay`` s later.
+
+    ``on_save_checkpoint`` runs while Lightning builds the checkpoint, before it is serialised and written, so a
+    short delay lands the kill inside the serialisation or the file write of that checkpoint (or of the next one).
+    """
+
+    def __init__(self, step: int, delay: float) -> None:
+        self.step, self.delay, self.armed = int(step), float(delay), True
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: Any, checkpoint: dict) -> None:
+        if self.armed and trainer.global_step == self.step:
+            import threading
+
+            self.armed = False
+            threading.Timer(self.delay, os.kill, (os.getpid(), signal.SIGKILL)).start()

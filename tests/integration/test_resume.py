@@ -229,3 +229,34 @@ def test_sigterm_saves_exits_143_and_resumes(synthetic_dir, tmp_path):
     resume_cfg = _callbacks_yaml(tmp_path / "r.yaml", every_step=False)
     done = run("fit", stage1_args(synthetic_dir, root, *STAGE1, "-c", str(resume_cfg), "--ckpt_path=last"))
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.002, 0.01])
+def test_sigkill_during_a_checkpoint_write_resumes_bit_identical(synthetic_dir, tmp_path, delay):
+    """A kill inside a checkpoint write never leaves a last.ckpt that the resume trusts half-written."""
+
+    def args_for(root: Path, *extra: str) -> list[str]:
+        return stage1_args(synthetic_dir, root, *STAGE1, *extra)
+
+    cfg = _callbacks_yaml(tmp_path / "every_step.yaml")
+    done = run("fit", args_for(tmp_path / "straight", "-c", str(cfg)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    kill = tmp_path / "kill.yaml"
+    kill.write_text(
+        cfg.read_text()
+        + "    - class_path: tests.integration.cli_runs.KillDuringSave\n"
+        + f"      init_args: {{step: 3, delay: {delay}}}\n"
+    )
+    killed = run("fit", args_for(tmp_path / "killed", "-c", str(kill)))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] in (
+        2,
+        3,
+        4,
+    )  # a whole checkpoint: before, at or just after the kill
+    done = run(
+        "fit", args_for(tmp_path / "killed", "-c", str(_callbacks_yaml(tmp_path / "r.yaml")), "--ckpt_path=last")
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_tensors(last, tmp_path / "straight" / "checkpoints" / "last.ckpt")

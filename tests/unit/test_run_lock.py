@@ -74,3 +74,14 @@ def test_run_folder_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "run").write_text("x")
     with pytest.raises(DataError, match="run folder is a file"):
         lock_run_folder(tmp_path / "run")
+
+
+def test_lock_file_replaced_by_a_link_never_touches_its_target(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (run / ".xrec-pl.lock").symlink_to(victim)
+    with pytest.raises(DataError, match="is a link"):
+        lock_run_folder(run)
+    assert victim.read_text() == "keep me"

@@ -86,7 +86,31 @@ def place_run_outputs(trainer_cfg: Any, *, subcommand: str | None, ckpt_path: st
 
 
 class XrecSaveConfig(SaveConfigCallback):
-    """Save the resolved config beside the logs (a new versioned folder per run) and into the W&B run config."""
+    """Save the resolved config beside the logs (a new versioned folder per run) and into the W&B run config.
+
+    Lightning saves it in ``setup``, before a checkpoint given with ``--ckpt_path`` is loaded and checked: a resume
+    refused for a changed config would still leave a ``config.yaml`` (and a log folder) behind. Here it is saved
+    when the stage starts, after the checkpoint passed its checks.
+    """
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._stage = stage
+
+    def _save_now(self, trainer: Any, pl_module: Any) -> None:
+        super().setup(trainer, pl_module, getattr(self, "_stage", "fit"))
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._save_now(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.state.fn == "validate":
+            self._save_now(trainer, pl_module)
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self._save_now(trainer, pl_module)
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self._save_now(trainer, pl_module)
 
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         from lightning.pytorch.loggers import WandbLogger
