@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from xrec_pl.data import io as dio
+from xrec_pl.data.convert import convert_folder
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,7 @@ def test_amazon_release_pickles_load_safely(amazon_dir: Path) -> None:
 
 
 def test_amazon_convert_round_trip(amazon_dir: Path, tmp_path: Path) -> None:
-    written = dio.convert_folder(amazon_dir, tmp_path / "amazon", fmt="parquet")
+    written = convert_folder(amazon_dir, tmp_path / "amazon", fmt="parquet")
     assert not [p for p in written if p.suffix in (".pkl", ".pickle")]
     assert dio.read_para_dict(tmp_path / "amazon") == dio.read_para_dict(amazon_dir)
     for split in dio.SPLITS:
