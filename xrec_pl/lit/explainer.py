@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from xrec_pl import run_layout
 from xrec_pl.data.embeddings import load_checked_embeddings
 from xrec_pl.data.prompts import IGNORE_INDEX
-from xrec_pl.errors import DataError
+from xrec_pl.errors import ConfigError, DataError
 from xrec_pl.lit.checkpoint import load_validated, save_trainable
 from xrec_pl.lit.optim import adam_with_warmup
 from xrec_pl.models.adapters import AdapterKind, build_adapter, eval_mode
@@ -122,6 +122,11 @@ class ExplainerModule(pl.LightningModule):
             ("optimizer", optimizer, OptimizerName),
         ):
             check_choice(name, value, choices)
+        for name, value in (("lr", lr), ("max_new_tokens", max_new_tokens), ("graph_dim", graph_dim)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if weight_decay < 0 or warmup_steps < 0:
+            raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {weight_decay} and {warmup_steps}")
         if embedding_source == "graph" and not embeddings_path:
             raise ValueError("embedding_source='graph' needs embeddings_path (stage 1's embeddings.safetensors)")
         self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint validates them
@@ -170,7 +175,10 @@ class ExplainerModule(pl.LightningModule):
                 )
         self.source.size(self.num_users, self.num_items, device=next(self.llm.parameters()).device)
         if self.hparams.embedding_source == "random" and self.source.user_table is None:
-            raise ValueError("embedding_source='random' needs num_users/num_items (set them or use a DataModule)")
+            raise ConfigError(
+                f"--model.embedding_source=random needs the numbers of users and items: give --model.num_users and "
+                f"--model.num_items, or a data folder with para_dict.pickle ({getattr(dm, 'data_dir', 'none given')})"
+            )
 
     def configure_model(self) -> None:
         self.injector.install()  # idempotent

@@ -65,6 +65,8 @@ class LightGCNModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_choice("reg_on", reg_on, Literal["ego", "final"])
+        if not lr > 0 or weight_decay < 0 or not ks or min(ks) <= 0:
+            raise ValueError(f"lr must be positive, weight_decay >= 0 and ks positive; got {lr}, {weight_decay}, {ks}")
         self.save_hyperparameters()
         self.ks = tuple(int(k) for k in ks)
         self.model: LightGCN | None = None
