@@ -75,6 +75,8 @@ class ExplanationDataModule(pl.LightningDataModule):
         eval_subset: use only this many val/test/predict records (seeded random choice; ``None``: all).
         predict_split: split used by ``predict`` (``"tst"``, ``"val"`` or ``"trn"``).
         tokenizer: tokenizer to use instead of the LightningModule's (direct use, tests).
+        chat_template: ``chat`` style: ``None`` (the tokenizer's own; ChatML with a warning where it has none),
+            ``"chatml"`` or a Jinja template string.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class ExplanationDataModule(pl.LightningDataModule):
         eval_subset: int | None = None,
         predict_split: str = "tst",
         tokenizer: Any = None,
+        chat_template: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
@@ -110,6 +113,7 @@ class ExplanationDataModule(pl.LightningDataModule):
         self.eval_subset = eval_subset
         self.predict_split = _split_name(predict_split)
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self.builder: PromptBuilder | None = None
         self._sizes: tuple[int | None, int | None] | None = None
         self._table_sizes: tuple[int | None, int | None] = (None, None)
@@ -153,7 +157,9 @@ class ExplanationDataModule(pl.LightningDataModule):
             raise ValueError("the tokenizer has no pad token; load the LLM with load_frozen_llm (it adds one)")
         if self.builder is None or self.builder.tokenizer is not tokenizer:
             self.tokenizer = tokenizer
-            self.builder = PromptBuilder(tokenizer, self.style, self.domain, self.profiles, self.max_length)
+            self.builder = PromptBuilder(
+                tokenizer, self.style, self.domain, self.profiles, self.max_length, chat_template=self.chat_template
+            )
             self._teacher.clear()
             self._prompts.clear()
         # ids must index the embedding tables the module holds (fall back to the dataset's own sizes)

@@ -102,6 +102,8 @@ class InteractionDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers (0 is fastest here: batches are three tensor gathers).
         seed: Seed of the shuffling and the negatives.
         resample_negatives: Re-draw negatives every epoch; ``False`` keeps one draw for the whole run (XRec).
+        negative_pool: ``"catalogue"`` (every item) or ``"train"`` (only items that occur in ``total_trn.csv``, as
+            XRec draws them).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class InteractionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         resample_negatives: bool = True,
+        negative_pool: str = "catalogue",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -119,6 +122,9 @@ class InteractionDataModule(pl.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers, self.seed, self.resample_negatives = int(num_workers), int(seed), bool(resample_negatives)
+        if negative_pool not in ("catalogue", "train"):
+            raise ValueError(f"negative_pool must be 'catalogue' or 'train', got {negative_pool!r}")
+        self.negative_pool = negative_pool
         self._adj: Tensor | None = None
         self._train: TripleDataset | None = None
 
@@ -180,7 +186,8 @@ class InteractionDataModule(pl.LightningDataModule):
                     f"{Path(self.data_dir) / 'total_trn.csv'}: user {int(full[0])} has interacted with all "
                     f"{self.num_items} items; BPR training needs a negative item for every user"
                 )
-            negatives = NegativeSampler(self.train_items, seed=self.seed)
+            pool = self.interactions("trn")[:, 1] if self.negative_pool == "train" else None
+            negatives = NegativeSampler(self.train_items, seed=self.seed, candidates=pool)
             self._train = TripleDataset(self.interactions("trn"), negatives, resample=self.resample_negatives)
 
     def train_dataloader(self) -> ResumableDataLoader:

@@ -139,21 +139,31 @@ class NegativeSampler:
     Args:
         positives: The training ``ItemSets``.
         seed: Base seed.
+        candidates: Items to draw from (``None``: the whole catalogue). XRec draws from the items that occur in
+            the training interactions (``df["item"].unique()``), so an item never seen in training is never a negative.
     """
 
-    def __init__(self, positives: ItemSets, seed: int = 0) -> None:
-        if bool((positives.counts() >= positives.num_items).any()):
-            raise ValueError("a user has interacted with every item; no negative item exists for them")
+    def __init__(self, positives: ItemSets, seed: int = 0, candidates: np.ndarray | None = None) -> None:
+        self.candidates = None if candidates is None else np.unique(np.asarray(candidates, dtype=np.int64))
+        pool = positives.num_items if self.candidates is None else self.candidates.size
+        if bool((positives.counts() >= pool).any()):
+            what = "every item" if self.candidates is None else "every item of the negative pool"
+            raise ValueError(f"a user has interacted with {what}; no negative item exists for them")
         self.positives = positives
         self.seed = int(seed)
+
+    def _draw(self, rng: np.random.Generator, size: int | tuple[int, ...]) -> np.ndarray:
+        if self.candidates is None:
+            return rng.integers(0, self.positives.num_items, size=size, dtype=np.int64)
+        return self.candidates[rng.integers(0, self.candidates.size, size=size, dtype=np.int64)]
 
     def sample(self, users: np.ndarray | torch.Tensor, epoch: int) -> np.ndarray:
         """One negative item per entry of ``users`` (``(N,)`` int64), a function of ``(seed, epoch, users)``."""
         users = np.asarray(users.cpu() if isinstance(users, torch.Tensor) else users, dtype=np.int64)
         rng = np.random.Generator(np.random.PCG64(epoch_seed(self.seed, epoch, stream=1)))
-        items = rng.integers(0, self.positives.num_items, size=users.shape, dtype=np.int64)
+        items = self._draw(rng, users.shape)
         todo = np.flatnonzero(self.positives.contains(users, items))
         while todo.size:
-            items[todo] = rng.integers(0, self.positives.num_items, size=todo.size, dtype=np.int64)
+            items[todo] = self._draw(rng, todo.size)
             todo = todo[self.positives.contains(users[todo], items[todo])]
         return items

@@ -1,12 +1,13 @@
 """Prompt building for stage 2: text layout, label masking and reserved-token positions.
 
-Two styles:
+Three styles:
 
 ``chat`` (default)
     The tokenizer's own chat template renders ``system`` + ``user`` turns with the generation prompt; the target is
     the explanation followed by EOS (the assistant turn). Labels are ``-100`` on the prompt, so the loss covers exactly
     the assistant tokens and EOS, and training sees the very prompt that generation continues from. A tokenizer
-    without a chat template falls back to ChatML (``<|im_start|>role ... <|im_end|>``) spelled in plain text.
+    without a chat template falls back to ChatML (``<|im_start|>role ... <|im_end|>``) spelled in plain text, with a
+    warning (once); ``chat_template`` chooses the template instead (a Jinja string, or ``"chatml"``).
 
 ``xrec``
     Reproduces the reference (HKUDS/XRec ``explainer/utils/data_handler.py``) layout for comparison::
@@ -23,6 +24,10 @@ Two styles:
     had none either), padding never labelled (the reference's loss included pad tokens), ``bos`` only where the
     tokenizer itself adds one (the reference wrote a literal ``<s>`` *and* let the tokenizer add another).
 
+``xrec_exact``
+    The reference's string, token for token (``<EXPLAIN_POS>``, its literal ``<s>``, tokenised as one string, the
+    loss from ``<EXPLAIN_POS>`` on): :mod:`xrec_pl.data.reference_prompt`. Used by the ``recipe: xrec`` presets.
+
 Length policy: sequences longer than ``max_length`` (prompt + target for training, prompt for generation) are made to
 fit by truncating the two *profiles* (the longer one first, at token granularity, then both evenly). The system
 text, the reserved tokens, the title and the explanation are never cut. A record that still does not fit raises a
@@ -34,16 +39,20 @@ that generation is given; joint tokenisation could merge tokens across the promp
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from xrec_pl.data.reference_prompt import EXPLAIN_TOKEN, encode_reference
 from xrec_pl.errors import DataError
 from xrec_pl.models.lm_loss import IGNORE_INDEX
 from xrec_pl.utils import check_choice
 
+log = logging.getLogger(__name__)
+
 __all__ = ["IGNORE_INDEX", "PromptStyle", "Domain", "PromptBuilder"]
 
-PromptStyle = Literal["chat", "xrec"]
+PromptStyle = Literal["chat", "xrec", "xrec_exact"]
 Domain = Literal["books", "business"]
 USER_TOKEN = "<USER_EMBED>"
 ITEM_TOKEN = "<ITEM_EMBED>"
@@ -77,6 +86,8 @@ class PromptBuilder:
         domain: ``"books"`` (Amazon) or ``"business"`` (Yelp, Google): system sentence and item noun.
         profiles: include the user and item profiles; ``False`` keeps the title only (the "no profiles" ablation).
         max_length: longest allowed sequence in tokens; profiles are truncated to fit, see the module docstring.
+        chat_template: ``chat`` style only: ``None`` (the tokenizer's own; ChatML with a warning where it has none),
+            ``"chatml"``, or a Jinja template string.
 
     Raises:
         ValueError: unknown style/domain, a tokenizer without the reserved tokens or without EOS.
@@ -89,6 +100,7 @@ class PromptBuilder:
         domain: Domain = "books",
         profiles: bool = True,
         max_length: int = 1024,
+        chat_template: str | None = None,
     ) -> None:
         check_choice("prompt style", style, PromptStyle)
         check_choice("domain", domain, Domain)
@@ -107,7 +119,8 @@ class PromptBuilder:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; the chat target ends with EOS")
         self.eos_token_id = int(tokenizer.eos_token_id)
-        self._chat_template = getattr(tokenizer, "chat_template", None) or _FALLBACK_CHAT_TEMPLATE
+        self._chat_template = _choose_template(tokenizer, chat_template) if style == "chat" else None
+        self.explain_token_id = self._single_token_id(EXPLAIN_TOKEN) if style == "xrec_exact" else None
         # xrec style: a BOS only where the tokenizer adds one by itself (Llama-2: "<s>")
         probe = tokenizer("a", add_special_tokens=True)["input_ids"]
         bos = tokenizer.bos_token_id
@@ -123,9 +136,10 @@ class PromptBuilder:
     def _single_token_id(self, token: str) -> int:
         ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
+            extra = " (with model.extra_tokens: [<EXPLAIN_POS>] for style xrec_exact)" if token == EXPLAIN_TOKEN else ""
             raise ValueError(
                 f"tokenizer does not hold {token} as one token (got ids {ids}); load the LLM with "
-                "xrec_pl.models.llm.load_frozen_llm, which adds the reserved tokens"
+                f"xrec_pl.models.llm.load_frozen_llm, which adds the reserved tokens{extra}"
             )
         return int(ids[0])
 
@@ -133,7 +147,7 @@ class PromptBuilder:
     @property
     def system_prompt(self) -> str:
         """The system instruction of this style and domain."""
-        return (_CHAT_SYSTEM if self.style == "chat" else _XREC_SYSTEM)[self.domain]
+        return (_CHAT_SYSTEM if self.style == "chat" else _XREC_SYSTEM)[self.domain]  # xrec_exact: the same sentence
 
     def user_message(self, title: str, user_summary: str = "", item_summary: str = "") -> str:
         """The user turn: reserved tokens, title and (with ``profiles``) both profiles."""
@@ -178,6 +192,10 @@ class PromptBuilder:
         Raises:
             DataError: empty explanation, reserved token count != 1, too long even with profiles truncated.
         """
+        if self.style == "xrec_exact":
+            ids, labels, rounds = self._exact(record, train=True)
+            user_pos, item_pos = self._positions(ids, record)
+            return {"input_ids": ids, "labels": labels, "user_pos": user_pos, "item_pos": item_pos}
         explanation = self._text(record["explanation"])
         if not explanation:
             raise DataError(f"record (uid={record['uid']}, iid={record['iid']}): empty explanation")
@@ -200,9 +218,34 @@ class PromptBuilder:
         Raises:
             DataError: reserved token count != 1, prompt too long even with profiles truncated.
         """
+        if self.style == "xrec_exact":
+            ids, _, _ = self._exact(record, train=False)
+            user_pos, item_pos = self._positions(ids, record)
+            return {"input_ids": ids, "user_pos": user_pos, "item_pos": item_pos}
         head, tail = self._fit(record, extra=0)
         user_pos, item_pos = self._positions(head, record)
         return {"input_ids": head + tail, "user_pos": user_pos, "item_pos": item_pos}
+
+    def _exact(self, record: Mapping[str, Any], train: bool) -> tuple[list[int], list[int] | None, int]:
+        # as the reference: fields as stored (not stripped); control tokens in them escaped, as for the other styles
+        fields = {}
+        for key in ("title", "user_summary", "item_summary", "explanation"):
+            if key in record:
+                text = str(record[key])
+                fields[key] = escape_control_tokens(text, self._controls)
+                self.num_escaped += fields[key] != text
+        ids, labels, rounds = encode_reference(
+            self.tokenizer,
+            {**record, **fields},
+            self.domain,
+            self.profiles,
+            self.max_length,
+            int(self.explain_token_id),
+            _trim_longest_first,
+            train,
+        )
+        self.num_truncated += bool(rounds)
+        return ids, labels, rounds
 
     def _positions(self, ids: list[int], record: Mapping[str, Any]) -> tuple[int, int]:
         found = []
@@ -281,3 +324,26 @@ def _trim_longest_first(a: list[int], b: list[int], excess: int) -> tuple[list[i
         else:
             hi = mid - 1
     return a[:lo], b[:lo]
+
+
+_warned_no_template: set[str] = set()
+
+
+def _choose_template(tokenizer: Any, chat_template: str | None) -> str:
+    """The chat template to render with: the configured one, the tokenizer's, or ChatML with a warning (once)."""
+    if chat_template == "chatml":
+        return _FALLBACK_CHAT_TEMPLATE
+    if chat_template:
+        return chat_template
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        return own
+    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    if name not in _warned_no_template:
+        _warned_no_template.add(name)
+        log.warning(
+            "tokenizer %s has no chat template; rendering the chat prompt as ChatML (<|im_start|>role ...). "
+            "Set data.chat_template (a Jinja string, or 'chatml' to silence this) to choose one.",
+            name,
+        )
+    return _FALLBACK_CHAT_TEMPLATE

@@ -11,6 +11,10 @@ Definitions for one user with relevant set ``T`` and top-K list ``r_1 .. r_K``:
 - ``precision@K = |T ∩ top-K| / K``
 - ``ndcg@K = sum_{j: r_j in T} 1/log2(j+1) / sum_{j=1}^{min(K, |T|)} 1/log2(j+1)``
 - ``mrr@K = 1 / j*`` for the first ``j*`` with ``r_j in T``, 0 if none in the top K.
+
+With ``mrr="sum"`` (XRec's definition, ``encoder/utils/metrics.py``) ``mrr@K = sum_{j: r_j in T} 1/j``: every hit in the
+top K adds its reciprocal rank, so it can exceed 1. The reference's protocol (``eval_protocol: xrec`` of
+:class:`~xrec_pl.lit.recommender.LightGCNModule`) also masks nothing and averages over interactions, not users.
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ def mask_items(scores: Tensor, exclude: tuple[Tensor, Tensor] | None) -> Tensor:
     return scores
 
 
-def topk_metrics(hits: Tensor, num_relevant: Tensor, ks: Sequence[int]) -> dict[str, Tensor]:
+def topk_metrics(hits: Tensor, num_relevant: Tensor, ks: Sequence[int], mrr: str = "first") -> dict[str, Tensor]:
     """Metrics from a hit matrix.
 
     Args:
         hits: ``(B, Kmax)`` bool/0-1, ``hits[b, j]`` = the item at rank ``j+1`` is relevant for user ``b``.
         num_relevant: ``(B,)`` size of each user's relevant set (users with 0 get 0 for every metric).
         ks: Cut-offs, each ``<= Kmax``.
+        mrr: ``"first"`` (reciprocal rank of the first hit) or ``"sum"`` (XRec: the sum over all hits).
 
     Returns:
         ``{"recall@K": (B,), "ndcg@K": (B,), "precision@K": (B,), "mrr@K": (B,)}`` for each K.
@@ -62,7 +67,7 @@ def topk_metrics(hits: Tensor, num_relevant: Tensor, ks: Sequence[int]) -> dict[
         out[f"recall@{k}"] = torch.where(has, n_hit / n_rel.clamp(min=1), torch.zeros_like(n_hit))
         out[f"ndcg@{k}"] = torch.where(has, dcg / idcg, torch.zeros_like(n_hit))
         out[f"precision@{k}"] = n_hit / k
-        out[f"mrr@{k}"] = 1.0 / first
+        out[f"mrr@{k}"] = 1.0 / first if mrr == "first" else (h / ranks[:k]).sum(1)
     return out
 
 
@@ -71,6 +76,7 @@ def rank_metrics(
     targets: tuple[Tensor, Tensor],
     ks: Sequence[int] = (20, 40),
     exclude: tuple[Tensor, Tensor] | None = None,
+    mrr: str = "first",
 ) -> dict[str, Tensor]:
     """Rank all items for a batch of users and score the top K against their relevant items.
 
@@ -79,6 +85,7 @@ def rank_metrics(
         targets: ``(row, item)`` coordinates of the relevant items (``row`` = position in the batch).
         ks: Cut-offs.
         exclude: ``(row, item)`` coordinates of items already known for the user (masked with ``-inf``).
+        mrr: ``"first"`` or ``"sum"``, see :func:`topk_metrics`.
 
     Returns:
         Per-user metric tensors, see :func:`topk_metrics`.
@@ -92,4 +99,4 @@ def rank_metrics(
     relevant[row, item] = True
     hits = relevant.gather(1, top)  # (B, Kmax)
     num_relevant = relevant.sum(1)  # duplicates in targets count once
-    return topk_metrics(hits, num_relevant, ks)
+    return topk_metrics(hits, num_relevant, ks, mrr=mrr)

@@ -45,7 +45,15 @@ from xrec_pl.errors import ConfigError, DataError
 from xrec_pl.lit.checkpoint import load_validated, save_trainable
 from xrec_pl.lit.optim import adam_with_warmup
 from xrec_pl.models.adapters import AdapterKind, build_adapter, eval_mode
-from xrec_pl.models.decoding import greedy_config, greedy_with_config, stop_ids
+from xrec_pl.models.decoding import (
+    Sampling,
+    bracket_token_ids,
+    cut_at_bracket,
+    greedy_config,
+    greedy_with_config,
+    resolve_sampling,
+    stop_ids,
+)
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
 from xrec_pl.models.llm import get_llm_info, load_frozen_llm, set_layer_checkpointing
 from xrec_pl.models.lm_loss import decoder_hidden_states, token_nll
@@ -56,6 +64,8 @@ __all__ = ["Decoder", "ExplainerModule", "OptimizerName"]
 
 OptimizerName = Literal["adamw", "adam"]
 Decoder = Literal["compact", "hf"]
+PostProcess = Literal["none", "xrec"]
+GenerationDefaults = Literal["greedy", "model"]
 
 
 class ExplainerModule(pl.LightningModule):
@@ -85,6 +95,21 @@ class ExplainerModule(pl.LightningModule):
         gradient_checkpointing: recompute decoder layers in backward (non-reentrant) to save activation memory.
         predictions_file: file name of the predictions JSONL written into ``trainer.default_root_dir``.
         seed: seed of the random/fixed embeddings and of the LLM's new token rows.
+        quantization: ``None``, ``"8bit"``, ``"4bit"`` or ``"auto"`` (8-bit where bitsandbytes and CUDA exist, else
+            unquantized in ``llm_dtype``; logged), passed to ``load_frozen_llm``.
+        extra_tokens: further reserved tokens for the tokenizer (``[<EXPLAIN_POS>]`` for prompt style
+            ``xrec_exact``).
+        generation_defaults: ``"greedy"`` (default) or ``"model"`` (the LLM's own ``generation_config``, which is
+            what the reference used: Llama-2-chat's samples); the switches below override either.
+        do_sample: sample instead of argmax (``None``: from ``generation_defaults``).
+        temperature: sampling temperature (``None``: from ``generation_defaults``).
+        top_p: nucleus mass (``None``: from ``generation_defaults``).
+        top_k: top-k cut (``None``: from ``generation_defaults``).
+        repetition_penalty: ``generate``'s repetition penalty (``None``: from ``generation_defaults``).
+        no_repeat_ngram_size: ban repeated n-grams of this size (``None``: from ``generation_defaults``).
+        postprocess: ``"none"`` or ``"xrec"`` (the reference's: the text is cut at its first ``[``, and decoding
+            stops at the first token that contains ``[`` — which covers ``[/INST]`` — since nothing after it is
+            kept).
     """
 
     IDENTITY_KEYS: tuple[str, ...] = ("adapter", "injection", "graph_dim", "num_experts")  # checked on load
@@ -111,6 +136,16 @@ class ExplainerModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         predictions_file: str = run_layout.PREDICTIONS,
         seed: int = 0,
+        quantization: str | None = None,
+        extra_tokens: list[str] | None = None,
+        generation_defaults: GenerationDefaults = "greedy",
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+        postprocess: PostProcess = "none",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -120,6 +155,8 @@ class ExplainerModule(pl.LightningModule):
             ("embedding_source", embedding_source, EmbeddingSourceKind),
             ("decoder", decoder, Decoder),
             ("optimizer", optimizer, OptimizerName),
+            ("postprocess", postprocess, PostProcess),
+            ("generation_defaults", generation_defaults, GenerationDefaults),
         ):
             check_choice(name, value, choices)
         for name, value in (("lr", lr), ("max_new_tokens", max_new_tokens), ("graph_dim", graph_dim)):
@@ -133,8 +170,24 @@ class ExplainerModule(pl.LightningModule):
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.llm, self.tokenizer = load_frozen_llm(llm, dtype=llm_dtype)
+            self.llm, self.tokenizer = load_frozen_llm(
+                llm, dtype=llm_dtype, quantization=quantization, extra_tokens=tuple(extra_tokens or ())
+            )
         self.llm.requires_grad_(False).eval()
+        self.sampling: Sampling = resolve_sampling(
+            generation_defaults,
+            getattr(self.llm, "generation_config", None),
+            {
+                "do_sample": do_sample,
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k,
+                "repetition_penalty": repetition_penalty,
+                "no_repeat_ngram_size": no_repeat_ngram_size,
+            },
+        )
+        if not self.sampling.is_greedy:
+            rank_zero_info(f"ExplainerModule: decoding with {self.sampling}")
         self.llm_info = get_llm_info(self.llm)
         hidden = self.llm_info.hidden_size
 
@@ -281,8 +334,16 @@ class ExplainerModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------ generation
     def stop_ids(self) -> list[int]:
-        """The token ids that end an explanation: the tokenizer's EOS and the generation config's."""
-        return stop_ids(self.tokenizer, self.llm)
+        """The token ids that end an explanation: the tokenizer's EOS, the generation config's and, with
+        ``postprocess="xrec"``, every token whose text holds a ``[`` (nothing after it survives the cut)."""
+        return stop_ids(self.tokenizer, self.llm, self._bracket_stops())
+
+    def _bracket_stops(self) -> list[int]:
+        if self.hparams.get("postprocess", "none") != "xrec":
+            return []
+        if getattr(self, "_bracket_ids", None) is None:
+            self._bracket_ids = bracket_token_ids(self.tokenizer)
+        return self._bracket_ids
 
     @torch.no_grad()
     def generate_explanations(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
@@ -305,11 +366,21 @@ class ExplainerModule(pl.LightningModule):
         batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
         # the reserved tokens and the added pad token have untrained rows in a tied LM head: never emit them
         suppress = self.llm_info.reserved_token_ids.values()
-        config = greedy_config(self.tokenizer, self.llm, max_new_tokens or self.hparams.max_new_tokens, suppress)
+        config = greedy_config(
+            self.tokenizer,
+            self.llm,
+            max_new_tokens or self.hparams.max_new_tokens,
+            suppress,
+            sampling=self.sampling,
+            extra_stops=self._bracket_stops(),
+        )
         # no dropout, no gate noise while generating
         with eval_mode(self.user_adapter, self.item_adapter), self.injecting_batch(batch):
             new_tokens = self.generate_tokens(input_ids, attention_mask, config)  # (B, <= max_new_tokens)
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        if self.hparams.get("postprocess", "none") == "xrec":
+            texts = [cut_at_bracket(t) for t in texts]
+        return [text.strip() for text in texts]
 
     def generate_tokens(self, input_ids: Tensor, attention_mask: Tensor, config: Any) -> Tensor:
         """The greedy new tokens ``(B, N)`` for a left-padded prompt batch (subclass hook).

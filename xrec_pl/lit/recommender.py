@@ -28,9 +28,11 @@ class LightGCNModule(pl.LightningModule):
     Every training step propagates all embeddings once through the graph from the current parameters (as XRec), then
     takes one optimizer step on the batch's BPR loss. Validation/test rank every item for each evaluated user with the
     already-known items masked (train for val, train + val for test; see :mod:`xrec_pl.data.ranking`) and log the
-    per-user means ``{split}/{recall,ndcg,precision,mrr}@K``. XRec's per-interaction, unmasked evaluation is not
-    reproduced: it scores a user once per held-out item and lets training items compete, so its numbers are not
-    comparable; use the exported embeddings with the reference code if that figure is needed.
+    per-user means ``{split}/{recall,ndcg,precision,mrr}@K`` (``eval_protocol="masked"``, the default).
+    ``eval_protocol="xrec"`` is the reference's: nothing is masked (training items compete), every row of the split's
+    interaction file counts once (a user with ``n`` held-out rows weighs ``n``; each row is scored against all of the
+    user's held-out items), and ``mrr`` sums the reciprocal ranks of all hits. Early stopping and checkpoint selection
+    monitor whatever this logs, so the protocol also decides which epoch is exported.
 
     The graph, the relevant items and the items to mask come from the datamodule
     (:class:`~data_modules.graph.InteractionDataModule`); ``num_users``/``num_items`` are taken from it in
@@ -48,6 +50,8 @@ class LightGCNModule(pl.LightningModule):
             (LightGCN paper), ``"final"`` = the batch's propagated embeddings (what XRec's code does).
         ks: Cut-offs of the ranking metrics.
         fused_adam: Use the fused Adam kernel (same maths, ~1.5 ms less per step on this graph).
+        eval_protocol: ``"masked"`` (per user, known items masked) or ``"xrec"`` (the reference's, see above).
+        encoder: ``"lightgcn"`` or ``"ngcf"`` (:class:`~xrec_pl.models.ngcf.NGCF`, as ReXRec compared).
     """
 
     def __init__(
@@ -62,11 +66,15 @@ class LightGCNModule(pl.LightningModule):
         reg_on: Literal["ego", "final"] = "ego",
         ks: Sequence[int] = (20, 40),
         fused_adam: bool = True,
+        eval_protocol: Literal["masked", "xrec"] = "masked",
+        encoder: Literal["lightgcn", "ngcf"] = "lightgcn",
     ) -> None:
         super().__init__()
         check_choice("reg_on", reg_on, Literal["ego", "final"])
         if not lr > 0 or weight_decay < 0 or not ks or min(ks) <= 0:
             raise ValueError(f"lr must be positive, weight_decay >= 0 and ks positive; got {lr}, {weight_decay}, {ks}")
+        check_choice("eval_protocol", eval_protocol, Literal["masked", "xrec"])
+        check_choice("encoder", encoder, Literal["lightgcn", "ngcf"])
         self.save_hyperparameters()
         self.ks = tuple(int(k) for k in ks)
         self.model: LightGCN | None = None
@@ -79,7 +87,12 @@ class LightGCNModule(pl.LightningModule):
 
     def _build(self, num_users: int, num_items: int) -> None:
         hp = self.hparams
-        self.model = LightGCN(num_users, num_items, hp.dim, hp.num_layers, hp.combine)
+        if hp.get("encoder", "lightgcn") == "ngcf":
+            from xrec_pl.models.ngcf import NGCF
+
+            self.model = NGCF(num_users, num_items, hp.dim, hp.num_layers)
+        else:
+            self.model = LightGCN(num_users, num_items, hp.dim, hp.num_layers, hp.combine)
 
     # ----------------------------------------------------------------------------------------------------------------
     # data plumbing
@@ -148,16 +161,27 @@ class LightGCNModule(pl.LightningModule):
         user_emb, item_emb = self._eval_emb
         dm = self.datamodule
         scores = self.model.score(user_emb[users], item_emb)  # (B, I)
+        xrec = self.hparams.get("eval_protocol", "masked") == "xrec"
         metrics = rank_metrics(
             scores,
             dm.targets(split).gather(users),
             ks=self.ks,
-            exclude=_gather(dm.known_items(split), users),
+            exclude=None if xrec else _gather(dm.known_items(split), users),
+            mrr="sum" if xrec else "first",
         )
-        for name, value in metrics.items():  # per-user values (B,), summed in float64
-            self._eval_sums[name] = self._eval_sums.get(name, 0.0) + value.double().sum()
-        self._eval_count += users.numel()
+        weight = self._row_counts(split)[users.cpu()].to(scores.device) if xrec else torch.ones_like(scores[:, 0])
+        for name, value in metrics.items():  # per-user values (B,), weighted, summed in float64
+            self._eval_sums[name] = self._eval_sums.get(name, 0.0) + (value.double() * weight.double()).sum()
+        self._eval_count += float(weight.double().sum())
         return {f"{split}/{name}": value.mean() for name, value in metrics.items()}
+
+    def _row_counts(self, split: str) -> Tensor:
+        """``(U,)`` rows per user in the split's interaction file (``total_val.csv`` / ``total_tst.csv``)."""
+        cache = self.__dict__.setdefault("_rows", {})
+        if split not in cache:
+            rows = self.datamodule.interactions({"val": "val", "test": "tst"}[split])[:, 0]
+            cache[split] = torch.bincount(torch.as_tensor(rows), minlength=self.model.num_users).float()
+        return cache[split]
 
     def _eval_end(self, split: str) -> None:
         """Log the per-user means over all users of all ranks: sums and counts all-reduced, then divided.

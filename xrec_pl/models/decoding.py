@@ -1,4 +1,4 @@
-"""Greedy decoding with a KV cache that drops finished rows from the batch.
+"""Greedy (or sampled) decoding with a KV cache that drops finished rows from the batch.
 
 ``llm.generate`` keeps every row of a batch in every decoding step until the last row stops, so a batch costs
 ``batch x longest explanation`` token steps whatever the other rows' lengths. :func:`greedy_generate` removes a row
@@ -10,12 +10,26 @@ that stopped are filled with ``pad_id``.
 
 Forward hooks (the embedding injector) see a multi-token prefill followed by one-token steps, exactly as under
 ``generate``.
+
+Sampling (:class:`Sampling`, the reference recipe): ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+``repetition_penalty`` and ``no_repeat_ngram_size`` act on each step's logits in ``generate``'s order (repetition
+penalty and n-gram ban on the raw scores, then temperature, top-k, top-p, then a multinomial draw):
+
+- repetition penalty ``p`` over every token already in the row (prompt and generated): ``s / p`` where ``s > 0``,
+  ``s * p`` otherwise;
+- n-gram ban ``n``: a token that would repeat an ``n``-gram already in the row gets ``-inf``;
+- top-p keeps the smallest set of most likely tokens whose probability reaches ``p`` (at least one).
+
+:func:`resolve_sampling` builds the settings from a model's ``generation_config`` (the reference called
+``generate`` without decoding arguments, so Llama-2-chat's own config, which samples, applied) and overrides.
+With ``do_sample=False`` and no penalty or ban the step is the plain ``argmax`` of before.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,8 +47,10 @@ def greedy_generate(
     stop_ids: Sequence[int],
     pad_id: int,
     suppress_ids: Sequence[int] = (),
+    sampling: Sampling | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Greedy new tokens ``(B, N)``, ``N <= max_new_tokens``, for a left-padded prompt batch.
+    """Greedy (or, with ``sampling``, sampled) new tokens ``(B, N)``, ``N <= max_new_tokens``, for a left-padded prompt batch.
 
     Args:
         llm: a Hugging Face causal LM (``forward`` accepts ``past_key_values``, ``position_ids``,
@@ -46,6 +62,8 @@ def greedy_generate(
         stop_ids: a row stops after emitting one of these (the stop token is kept in the output).
         pad_id: what fills a row after it stopped.
         suppress_ids: token ids never emitted (their logits are set to ``-inf``).
+        sampling: decoding settings (:class:`Sampling`); ``None`` = greedy.
+        generator: random source of the draws (``None``: the global one).
 
     Returns:
         ``(B, N)`` long, ``N`` = the longest row (rows that stopped earlier are padded with ``pad_id``).
@@ -74,6 +92,12 @@ def greedy_generate(
     stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
     banned = torch.tensor(sorted(set(suppress_ids)), device=device, dtype=torch.long)
     result = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    sampling = sampling if sampling is not None and not sampling.is_greedy else None
+    history = None  # (A, T + step) ids each row holds, for the penalty and the n-gram ban
+    if sampling is not None and sampling.needs_history:
+        if input_ids is None:
+            raise ValueError("repetition_penalty / no_repeat_ngram_size need input_ids (not inputs_embeds)")
+        history = input_ids.to(device).masked_fill(mask == 0, -1)
     alive = torch.arange(batch, device=device)  # (A,) original row of each live row
     next_position = positions[:, -1] + 1  # (A,)
     logits = out.logits[:, -1].float()  # (A, V)
@@ -81,7 +105,12 @@ def greedy_generate(
     for step in range(max_new_tokens):
         if banned.numel():
             logits.index_fill_(1, banned, float("-inf"))
-        token = logits.argmax(-1)  # (A,)
+        if sampling is None:
+            token = logits.argmax(-1)  # (A,)
+        else:
+            token = next_token(logits, sampling, history, generator)
+            if history is not None:
+                history = torch.cat([history, token[:, None]], dim=1)
         result[alive, step] = token
         steps = step + 1
         done = torch.isin(token, stops)
@@ -92,6 +121,8 @@ def greedy_generate(
             if keep.numel() == 0:
                 break
             alive, token, mask, next_position = alive[keep], token[keep], mask[keep], next_position[keep]
+            if history is not None:
+                history = history[keep]
             cache.batch_select_indices(keep)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         out = llm(
@@ -112,25 +143,33 @@ def _cache_keyword(llm: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def stop_ids(tokenizer: Any, llm: nn.Module) -> list[int]:
-    """The token ids that end an explanation: the tokenizer's EOS and the LLM's generation config's."""
-    ids = {int(tokenizer.eos_token_id)}
+def stop_ids(tokenizer: Any, llm: nn.Module, extra: Sequence[int] = ()) -> list[int]:
+    """The token ids that end an explanation: the tokenizer's EOS, the LLM's generation config's, and ``extra``."""
+    ids = {int(tokenizer.eos_token_id), *(int(i) for i in extra)}
     extra = getattr(llm.generation_config, "eos_token_id", None)
     if extra is not None:
         ids.update(int(i) for i in (extra if isinstance(extra, (list, tuple)) else [extra]))
     return sorted(ids)
 
 
-def greedy_config(tokenizer: Any, llm: nn.Module, max_new_tokens: int, suppress_ids: Sequence[int]) -> Any:
-    """A greedy, cached ``GenerationConfig``: stop at :func:`stop_ids`, pad with the tokenizer's pad token, never emit
-    ``suppress_ids`` (e.g. the reserved tokens and the added pad token, untrained rows of a tied LM head)."""
+def greedy_config(
+    tokenizer: Any,
+    llm: nn.Module,
+    max_new_tokens: int,
+    suppress_ids: Sequence[int],
+    sampling: Sampling | None = None,
+    extra_stops: Sequence[int] = (),
+) -> Any:
+    """A cached ``GenerationConfig``: stop at :func:`stop_ids` (plus ``extra_stops``), pad with the tokenizer's pad
+    token, never emit ``suppress_ids`` (e.g. the reserved tokens and the added pad token, untrained rows of a tied LM
+    head); greedy unless ``sampling`` says otherwise."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=False,
+        **(sampling or Sampling()).generate_kwargs(),
         num_beams=1,
-        eos_token_id=stop_ids(tokenizer, llm),
+        eos_token_id=stop_ids(tokenizer, llm, extra_stops),
         pad_token_id=tokenizer.pad_token_id,
         use_cache=True,
         suppress_tokens=sorted(set(suppress_ids)),
@@ -138,7 +177,7 @@ def greedy_config(tokenizer: Any, llm: nn.Module, max_new_tokens: int, suppress_
 
 
 def greedy_with_config(llm: nn.Module, config: Any, attention_mask: Tensor, **prompt: Tensor) -> Tensor:
-    """:func:`greedy_generate` with the stop, pad and suppressed tokens of a greedy ``GenerationConfig``."""
+    """:func:`greedy_generate` with the stop, pad and suppressed tokens and the decoding settings of a config."""
     stops = config.eos_token_id
     return greedy_generate(
         llm,
@@ -147,5 +186,157 @@ def greedy_with_config(llm: nn.Module, config: Any, attention_mask: Tensor, **pr
         stop_ids=list(stops) if isinstance(stops, (list, tuple)) else [stops],
         pad_id=config.pad_token_id,
         suppress_ids=config.suppress_tokens or (),
+        sampling=Sampling.from_generation_config(config),
         **prompt,
     )
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings of one generation (``generate``'s names and meanings).
+
+    Attributes:
+        do_sample: draw from the processed distribution (``False``: argmax of the processed scores).
+        temperature: divides the scores before top-k/top-p (sampling only).
+        top_k: keep the ``k`` most likely tokens (0: all; sampling only; 50 as ``generate``'s default).
+        top_p: nucleus mass (1.0: all; sampling only).
+        repetition_penalty: 1.0 = none.
+        no_repeat_ngram_size: 0 = none.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(f"bad sampling settings {self} (temperature > 0, 0 < top_p <= 1, top_k >= 0)")
+        if self.repetition_penalty <= 0 or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"bad sampling settings {self} (repetition_penalty > 0, no_repeat_ngram_size >= 0)")
+
+    @property
+    def needs_history(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+    @property
+    def is_greedy(self) -> bool:
+        """Plain argmax: nothing here changes the greedy choice."""
+        return not self.do_sample and not self.needs_history
+
+    @classmethod
+    def from_generation_config(cls, config: Any) -> Sampling:
+        """The settings a ``GenerationConfig`` asks for (``generate``'s defaults where unset)."""
+        sample = bool(getattr(config, "do_sample", False))
+        return cls(
+            do_sample=sample,
+            temperature=float(getattr(config, "temperature", None) or 1.0) if sample else 1.0,
+            top_k=int(50 if getattr(config, "top_k", None) is None else config.top_k) if sample else 50,
+            top_p=float(getattr(config, "top_p", None) or 1.0) if sample else 1.0,
+            repetition_penalty=float(getattr(config, "repetition_penalty", None) or 1.0),
+            no_repeat_ngram_size=int(getattr(config, "no_repeat_ngram_size", None) or 0),
+        )
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The same settings as ``GenerationConfig`` keywords (for ``decoder="hf"``)."""
+        kw: dict[str, Any] = {"do_sample": self.do_sample}
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        if self.repetition_penalty != 1.0:
+            kw["repetition_penalty"] = self.repetition_penalty
+        if self.no_repeat_ngram_size:
+            kw["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        return kw
+
+
+_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size")
+
+
+def resolve_sampling(defaults: str, model_config: Any = None, overrides: Mapping[str, Any] | None = None) -> Sampling:
+    """Decoding settings from a starting point and explicit overrides (``None`` values are ignored).
+
+    Args:
+        defaults: ``"greedy"`` (argmax; the project default) or ``"model"`` (the LLM's own ``generation_config``:
+            what the reference got by calling ``generate`` without decoding arguments).
+        model_config: the model's ``generation_config`` (needed for ``"model"``).
+        overrides: any of ``do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size``.
+    """
+    if defaults not in ("greedy", "model"):
+        raise ValueError(f"generation defaults must be 'greedy' or 'model', got {defaults!r}")
+    settings = Sampling()
+    if defaults == "model" and model_config is not None:
+        found = {f: getattr(model_config, f, None) for f in _FIELDS}
+        settings = replace(settings, **{f: type(getattr(settings, f))(v) for f, v in found.items() if v is not None})
+    extra = {f: v for f, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(extra) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown decoding settings {unknown}; known: {list(_FIELDS)}")
+    return replace(settings, **{f: type(getattr(settings, f))(v) for f, v in extra.items()})
+
+
+def next_token(
+    logits: Tensor, sampling: Sampling, history: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """One decoding step: ``(A, V)`` float scores (suppressed tokens already ``-inf``) -> ``(A,)`` token ids.
+
+    ``history`` ``(A, L)`` holds the ids of each row so far (``-1`` where padded); needed for the penalty and ban.
+    """
+    scores = logits.clone()
+    if sampling.repetition_penalty != 1.0 and history is not None:
+        counts = torch.zeros_like(scores).scatter_add_(1, history.clamp(min=0), (history >= 0).to(scores.dtype))
+        penalised = torch.where(scores > 0, scores / sampling.repetition_penalty, scores * sampling.repetition_penalty)
+        scores = torch.where(counts > 0, penalised, scores)
+    if sampling.no_repeat_ngram_size and history is not None:
+        for row, banned in enumerate(banned_ngram_tokens(history, sampling.no_repeat_ngram_size)):
+            if banned:
+                scores[row, banned] = float("-inf")
+    if not sampling.do_sample:
+        return scores.argmax(-1)
+    scores = scores / sampling.temperature
+    if sampling.top_k:
+        k = min(sampling.top_k, scores.shape[-1])
+        kth = scores.topk(k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = scores.sort(dim=-1, descending=False)
+        cum = ordered.softmax(-1).cumsum(-1)
+        drop = cum <= 1 - sampling.top_p
+        drop[:, -1] = False  # keep at least the most likely token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def banned_ngram_tokens(history: Tensor, n: int) -> list[list[int]]:
+    """Per row, the tokens that would complete an ``n``-gram already present (``-1`` entries are skipped)."""
+    out: list[list[int]] = []
+    for row in history.tolist():
+        ids = [t for t in row if t >= 0]
+        if len(ids) < n:
+            out.append([])
+            continue
+        prefix = tuple(ids[len(ids) - n + 1 :]) if n > 1 else ()
+        out.append(sorted({ids[i + n - 1] for i in range(len(ids) - n + 1) if tuple(ids[i : i + n - 1]) == prefix}))
+    return out
+
+
+def bracket_token_ids(tokenizer: Any) -> list[int]:
+    """Ids of the ordinary tokens whose text contains ``[`` (special tokens are skipped when decoding, so excluded).
+
+    Stopping at the first of these gives the same text as the reference's "cut at the first ``[``" (nothing after
+    it survives the cut) and so also stops on ``[/INST]``.
+    """
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    out = []
+    for token_id in range(len(tokenizer)):
+        if token_id not in special and "[" in tokenizer.decode([token_id]):
+            out.append(token_id)
+    return out
+
+
+def cut_at_bracket(text: str) -> str:
+    """The reference's post-processing: the text before its first ``[`` (all of it when there is none)."""
+    end = text.find("[")
+    return text if end == -1 else text[:end]

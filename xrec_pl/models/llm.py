@@ -20,6 +20,7 @@ The embedding table is resized, all parameters are frozen and the model is put i
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -108,6 +109,7 @@ def load_frozen_llm(
     dtype: str = "auto",
     gguf_file: str | None = None,
     quantization: str | None = None,
+    extra_tokens: tuple[str, ...] | list[str] = (),
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LLM and its tokenizer, add the reserved tokens, resize, freeze and set eval mode.
 
@@ -118,7 +120,10 @@ def load_frozen_llm(
             ``"float32"``, ``"bfloat16"``, ``"float16"``.
         gguf_file: GGUF file name inside ``name_or_path`` (hub repo or directory), passed to ``from_pretrained``.
         quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes; needs CUDA). The model is then placed on
-            the current CUDA device.
+            the current CUDA device. ``"auto"``: 8-bit where bitsandbytes and CUDA exist, else none (the ``dtype``
+            applies); the choice is logged (see :func:`resolve_quantization`).
+        extra_tokens: further reserved tokens (the reference recipe's ``<EXPLAIN_POS>``); when given, the reserved
+            tokens are added *before* the pad token, in the reference's order, so the new ids match its ids.
 
     Returns:
         ``(model, tokenizer)``. The model is frozen (no parameter requires grad), in eval mode, uses SDPA attention,
@@ -129,6 +134,7 @@ def load_frozen_llm(
         LLMLoadError: unknown name or path, unreadable GGUF, bad dtype/quantization, quantization without CUDA.
     """
     torch_dtype = resolve_dtype(dtype)
+    quantization = resolve_quantization(quantization, name_or_path)
     quant_kwargs = quantization_kwargs(quantization, torch_dtype)
     if name_or_path in _REGISTERED:
         model, tokenizer, source = _REGISTERED[name_or_path]()
@@ -149,7 +155,7 @@ def load_frozen_llm(
     else:
         model, tokenizer, source = load_pretrained(name_or_path, gguf_file, torch_dtype, quant_kwargs)
 
-    added = add_reserved_tokens(model, tokenizer)
+    added = add_reserved_tokens(model, tokenizer, extra_tokens=tuple(extra_tokens))
     model.requires_grad_(False)
     model.eval()
     model.xrec_pl_info = describe_llm(model, tokenizer, name_or_path, source, added)
@@ -199,7 +205,27 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
-def add_reserved_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+def resolve_quantization(quantization: str | None, name_or_path: str = "") -> str | None:
+    """``"auto"`` -> ``"8bit"`` where bitsandbytes and CUDA exist (the reference loads Llama-2 8-bit), else ``None``.
+
+    Built-in models (``embedded``, ``tiny-random*``) are never quantized. Other values pass through unchanged. The
+    outcome of ``"auto"`` is logged, so a run's log says whether the reference's 8-bit loading was reproduced.
+    """
+    if quantization != "auto":
+        return quantization
+    if name_or_path in BUILTIN_LLMS or name_or_path in _REGISTERED:
+        log.warning("quantization=auto: %s is a built-in model; loading it unquantized", name_or_path)
+        return None
+    if importlib.util.find_spec("bitsandbytes") is not None and torch.cuda.is_available():
+        log.warning("quantization=auto: loading %s in 8-bit (bitsandbytes, CUDA), as the reference", name_or_path)
+        return "8bit"
+    log.warning("quantization=auto: no bitsandbytes+CUDA here; loading %s unquantized (llm_dtype)", name_or_path)
+    return None
+
+
+def add_reserved_tokens(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, extra_tokens: tuple[str, ...] = ()
+) -> dict[str, int]:
     """Add ``<USER_EMBED>``/``<ITEM_EMBED>`` (and a pad token where needed), resize the embeddings.
 
     Pad token choice: a tokenizer without a pad token, or one that pads with its EOS token (SmolLM2, Llama-3),
@@ -215,16 +241,20 @@ def add_reserved_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     Args:
         model: the causal LM.
         tokenizer: its tokenizer (modified in place).
+        extra_tokens: reserved tokens beyond ``<USER_EMBED>``/``<ITEM_EMBED>``; with any, the reserved tokens are
+            added first and the pad token last (the reference's order: Llama-2 gets 32000-32002 and pad 32003).
 
     Returns:
         token -> id for the tokens that were added here (tokens already present are not repeated).
     """
     vocab_before = len(tokenizer)
     added: list[str] = []
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+    needs_pad = tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id
+    if needs_pad and not extra_tokens:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
         added.append(PAD_TOKEN)
-    missing = [t for t in RESERVED_TOKENS if t not in tokenizer.get_vocab()]
+    wanted = list(dict.fromkeys([*RESERVED_TOKENS, *extra_tokens]))
+    missing = [t for t in wanted if t not in tokenizer.get_vocab()]
     if missing:
         # keep existing extra special tokens; the keyword was renamed in transformers 5
         keep = (
@@ -234,6 +264,9 @@ def add_reserved_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
         )
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, **{keep: False})
         added.extend(missing)
+    if needs_pad and extra_tokens:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        added.append(PAD_TOKEN)
     tokenizer.padding_side = "right"
 
     old_rows = model.get_input_embeddings().weight.shape[0]
@@ -282,7 +315,9 @@ def describe_llm(model, tokenizer, name: str, source: str, added: dict[str, int]
         num_heads=heads,
         num_kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
         vocab_size=len(tokenizer),
-        reserved_token_ids={t: tokenizer.convert_tokens_to_ids(t) for t in (*RESERVED_TOKENS, tokenizer.pad_token)},
+        reserved_token_ids={
+            t: tokenizer.convert_tokens_to_ids(t) for t in (*RESERVED_TOKENS, *added, tokenizer.pad_token)
+        },
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         added_tokens=dict(added),
         pad_token=tokenizer.pad_token,
