@@ -84,6 +84,7 @@ def evaluate(
     batch_size: int | None = None,
     device: str | None = None,
     records: str | None = None,
+    judge_prompt: str = "default",
 ) -> dict:
     """Score a prediction file against its references and print one JSON object.
 
@@ -102,6 +103,7 @@ def evaluate(
         device: ``cpu`` or ``cuda`` (default: cuda when available).
         records: Score only the pairs whose reference belongs to this XRec split file (e.g. ``tst.pkl``), matched
             by reference text — how the reference's shuffled released predictions are paired with a split.
+        judge_prompt: ``default`` or ``xrec`` (XRec's GPTScore system prompt and JSON message) for ``llm_judge``.
     """
     import json
 
@@ -115,6 +117,7 @@ def evaluate(
         "bleurt_checkpoint": bleurt_checkpoint,
         "bartscore_checkpoint": bartscore_checkpoint,
         "llm_judge_judge_model": judge_model,
+        "llm_judge_prompt_style": None if judge_prompt == "default" else judge_prompt,
         "device": device,
     }
     if batch_size is not None:

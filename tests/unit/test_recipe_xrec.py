@@ -328,3 +328,47 @@ def test_explainer_postprocess_leaves_no_bracket(synthetic_dir, emb_path):
     assert module.sampling.do_sample and module.sampling.temperature == 1.5
     with pytest.raises(ValueError, match="postprocess"):
         make(emb_path, postprocess="trim")
+
+
+# ----------------------------------------------------------------------------------------------------- judge, template
+def test_judge_prompt_xrec_messages():
+    import json
+
+    from xrec_pl.metrics import LLMJudge
+    from xrec_pl.metrics.judge import XREC_JUDGE_SYSTEM, build_judge_prompt, judge_messages
+
+    system, user = judge_messages("p text", "r text", "xrec")
+    assert system["content"].startswith("Score the given explanation against the ground truth on a scale from 0")
+    assert system["content"].endswith("Provide your score as a number and do not provide any other text.")
+    assert json.loads(user["content"]) == {"prediction": "p text", "reference": "r text"}
+    assert (
+        build_judge_prompt("p", "r", None, "", "xrec")
+        == f"{XREC_JUDGE_SYSTEM}\n\n{json.dumps({'prediction': 'p', 'reference': 'r'})}\n"
+    )
+    judge = LLMJudge(judge=lambda p, r: ["85", "no idea"], prompt_style="xrec")
+    assert judge.answer_prefix == "" and judge.describe()["prompt"] == "xrec-gptscore"
+    judge.update(["a", "b"], ["c", "d"], ids=[0, 1])
+    out = judge.compute()
+    assert out["llm_judge"] == 85.0 and out["judge_unparsable"] == 1.0
+    with pytest.raises(ValueError, match="prompt style"):
+        LLMJudge(judge=lambda p, r: [], prompt_style="gpt4")
+
+
+def test_missing_chat_template_warns_once_and_config_chooses(fresh_tiny_tokenizer, caplog):
+    import logging
+
+    from xrec_pl.data import prompts
+
+    tok = fresh_tiny_tokenizer
+    tok.chat_template = None
+    prompts._warned_no_template.clear()
+    with caplog.at_level(logging.WARNING, logger="xrec_pl.data.prompts"):
+        first = PromptBuilder(tok, "chat").encode_prompt(RECORD)
+        PromptBuilder(tok, "chat").encode_prompt(RECORD)
+    assert sum("no chat template" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xrec_pl.data.prompts"):
+        assert PromptBuilder(tok, "chat", chat_template="chatml").encode_prompt(RECORD) == first
+        custom = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+        text = tok.decode(PromptBuilder(tok, "chat", chat_template=custom).encode_prompt(RECORD)["input_ids"])
+    assert not caplog.records and text.startswith("Explain why the user would buy the book within 50 words.|")

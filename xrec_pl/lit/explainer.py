@@ -16,9 +16,11 @@ Ablation switches (DESIGN §1), all constructor arguments and therefore logged w
 
 - ``adapter``: ``"moe"`` (XRec), ``"linear"`` (no MoE), ``"none"`` (no adapter: the reserved tokens keep their new,
   untrained token embeddings; nothing is injected and nothing trains).
-- ``injection``: ``"layers"`` (input + every layer's q/k/v; XRec), ``"input"`` (input embeddings only), ``"none"``
-  (plain prompt: the reserved tokens *stay in the text* with their untrained embeddings, as in the TMLR study's
-  "without injection", so the prompt layout is identical across arms; no adapter is built and nothing trains).
+- ``injection``: ``"layers"`` (input + every layer's q/k/v; XRec), ``"input"`` (input embeddings only: the adapters
+  train and replace the reserved tokens' input embeddings, only the per-layer q/k/v addition is removed; this is
+  "without injection" as the reproduction studies (TMLR, ReXRec) meant it), ``"none"`` (plain prompt: the reserved
+  tokens *stay in the text* with their untrained embeddings; no adapter is built and nothing trains: the plain-LLM
+  baseline, not the studies' "without injection").
 - ``embedding_source``: ``"graph"`` (stage-1 embeddings from ``embeddings_path``), ``"fixed"``, ``"random"``,
   ``"redrawn"`` (:mod:`xrec_pl.models.sources`).
 

@@ -8,10 +8,19 @@ systems only under one judge (``describe()`` names it).
 The embedded default (SmolLM2-135M-Instruct) only makes the plumbing work offline: with the answer primed by
 ``"Score:"`` it replies with parsable numbers, but it rated unrelated text as high as the real predictions in our
 check (100 / 9.5 for both). Use a larger local judge (``judge_model=<path>``) for figures worth reporting.
+
+Prompt styles (``prompt_style``; ``xrec-pl evaluate --judge_prompt``):
+
+- ``"default"``: the instructions below, the answer primed with ``"Score:"``.
+- ``"xrec"``: XRec's GPTScore request (``evaluation/metrics.py`` and ``system_prompt.txt`` of HKUDS/XRec): its system
+  prompt verbatim, and as the user message the JSON object ``{"prediction": ..., "reference": ...}``
+  (``json.dumps``), no answer prefix. The reference converted the reply with ``float()`` and failed on anything
+  else; here such answers are counted as unparsable, as for the default prompt.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -33,6 +42,12 @@ JUDGE_TEMPLATE = (
 # and never reach a number within a few tokens.
 ANSWER_PREFIX = "Score:"
 PROMPT_VERSION = "xrec-pl-judge-v2"
+# XRec's evaluation/system_prompt.txt, verbatim (what the "xrec" prompt style reproduces)
+XREC_JUDGE_SYSTEM = (
+    "Score the given explanation against the ground truth on a scale from 0 to 100, focusing on the alignment of "
+    "meanings rather than the formatting.\nProvide your score as a number and do not provide any other text."
+)
+PROMPT_STYLES = ("default", "xrec")
 
 _FRACTION = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/|out of)\s*(10|100)\b", re.IGNORECASE)
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
@@ -59,15 +74,29 @@ def parse_judge_score(text: str) -> float | None:
     return value if 0.0 <= value <= 100.0 else None
 
 
+def judge_messages(prediction: str, reference: str, style: str = "default") -> list[dict[str, str]]:
+    """System and user messages of the judge request in ``style`` (``"default"`` or ``"xrec"``)."""
+    if style == "xrec":
+        user = json.dumps({"prediction": prediction, "reference": reference})
+        return [{"role": "system", "content": XREC_JUDGE_SYSTEM}, {"role": "user", "content": user}]
+    if style != "default":
+        raise ValueError(f"judge prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+    user = JUDGE_TEMPLATE.format(reference=reference.strip(), prediction=prediction.strip())
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+
+
 def build_judge_prompt(
-    prediction: str, reference: str, tokenizer: Any | None = None, answer_prefix: str = ANSWER_PREFIX
+    prediction: str,
+    reference: str,
+    tokenizer: Any | None = None,
+    answer_prefix: str = ANSWER_PREFIX,
+    style: str = "default",
 ) -> str:
     """The judge prompt, in the tokenizer's chat template when it has one, ending with ``answer_prefix``."""
-    user = JUDGE_TEMPLATE.format(reference=reference.strip(), prediction=prediction.strip())
+    messages = judge_messages(prediction, reference, style)
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + answer_prefix
-    return f"{JUDGE_SYSTEM}\n\n{user}\n{answer_prefix}"
+    return f"{messages[0]['content']}\n\n{messages[1]['content']}\n{answer_prefix}"
 
 
 class HFJudge:
@@ -80,8 +109,10 @@ class HFJudge:
         max_new_tokens: int = 6,
         batch_size: int = 8,
         answer_prefix: str = ANSWER_PREFIX,
+        style: str = "default",
     ) -> None:
         self.model = model
+        self.style = style
         self.answer_prefix = answer_prefix
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -100,7 +131,7 @@ class HFJudge:
             device = next(self.model.parameters()).device
             for start in range(0, len(preds), self.batch_size):
                 prompts = [
-                    build_judge_prompt(p, r, tok, self.answer_prefix)
+                    build_judge_prompt(p, r, tok, self.answer_prefix, self.style)
                     for p, r in zip(preds[start : start + self.batch_size], refs[start : start + self.batch_size])
                 ]
                 enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
@@ -130,7 +161,9 @@ class LLMJudge(PerSampleMetric):
         judge_model: name or path for ``load_frozen_llm``; default the embedded SmolLM2-135M-Instruct.
         max_new_tokens: generation budget for the answer.
         batch_size: prompts per ``generate`` call.
-        answer_prefix: text the judge's answer starts with (primes a number; ``""`` for none).
+        answer_prefix: text the judge's answer starts with (primes a number; ``""`` for none; ``None``: ``"Score:"``
+            for the default prompt, nothing for ``"xrec"``).
+        prompt_style: ``"default"`` or ``"xrec"`` (XRec's system prompt and JSON message, see the module docstring).
         **kwargs: passed to ``torchmetrics.Metric``.
     """
 
@@ -145,10 +178,16 @@ class LLMJudge(PerSampleMetric):
         judge_model: str = "embedded",
         max_new_tokens: int = 6,
         batch_size: int = 8,
-        answer_prefix: str = ANSWER_PREFIX,
+        answer_prefix: str | None = None,
+        prompt_style: str = "default",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"judge prompt style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+        self.prompt_style = prompt_style
+        if answer_prefix is None:
+            answer_prefix = "" if prompt_style == "xrec" else ANSWER_PREFIX
         self.answer_prefix = answer_prefix
         if (model is None) != (tokenizer is None):
             raise ValueError("LLMJudge: pass both model and tokenizer, or neither")
@@ -168,7 +207,9 @@ class LLMJudge(PerSampleMetric):
 
                 self._pair = load_frozen_llm(self.judge_model)
             model, tokenizer = self._pair
-            self._judge = HFJudge(model, tokenizer, self.max_new_tokens, self.batch_size, self.answer_prefix)
+            self._judge = HFJudge(
+                model, tokenizer, self.max_new_tokens, self.batch_size, self.answer_prefix, self.prompt_style
+            )
         return self._judge
 
     def _score(self, preds: list[str], target: list[str]) -> dict[str, Tensor]:
@@ -190,10 +231,11 @@ class LLMJudge(PerSampleMetric):
         }
 
     def describe(self) -> dict[str, Any]:
+        prompt = PROMPT_VERSION if self.prompt_style == "default" else "xrec-gptscore"
         if self._injected:
-            return {"backend": type(self._judge).__name__, "injected": True, "prompt": PROMPT_VERSION}
+            return {"backend": type(self._judge).__name__, "injected": True, "prompt": prompt}
         return {
             "judge": self.judge_model,
-            "prompt": PROMPT_VERSION,
+            "prompt": prompt,
             "decoding": f"greedy, {self.max_new_tokens} new tokens",
         }

@@ -16,7 +16,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "fixed_emb": {"stage2": ["ablations/fixed_emb.yaml"], "doc": "one constant embedding for all users/items"},
     "random_emb": {"stage2": ["ablations/random_emb.yaml"], "doc": "random embedding fixed per id"},
     "redrawn_emb": {"stage2": ["ablations/redrawn_emb.yaml"], "doc": "random embedding re-drawn every step"},
-    "input_only": {"stage2": ["ablations/input_only.yaml"], "doc": "injection at the input tokens only"},
+    "input_only": {
+        "stage2": ["ablations/input_only.yaml"],
+        "doc": 'injection at the input tokens only (the studies\' "without injection")',
+    },
     "no_injection": {
         "stage2": ["ablations/no_injection.yaml"],
         "train": False,  # nothing reaches the LLM from the adapters, so there is nothing to train
