@@ -32,7 +32,6 @@ Predictions: ``predict_step`` generates, returns ``{uid, iid, prediction, refere
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -45,22 +44,15 @@ from xrec_pl.data.embeddings import load_checked_embeddings
 from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.errors import ConfigError, DataError
 from xrec_pl.lit.checkpoint import load_validated, save_trainable
+from xrec_pl.lit.generation import GenerationMixin
 from xrec_pl.lit.optim import adam_with_warmup
-from xrec_pl.models.adapters import AdapterKind, build_adapter, eval_mode
-from xrec_pl.models.decoding import (
-    Sampling,
-    bracket_token_ids,
-    cut_at_bracket,
-    greedy_config,
-    greedy_with_config,
-    resolve_sampling,
-    stop_ids,
-)
+from xrec_pl.models.adapters import AdapterKind, build_adapter
+from xrec_pl.models.decoding import Sampling
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
 from xrec_pl.models.llm import get_llm_info, load_frozen_llm, set_layer_checkpointing
 from xrec_pl.models.lm_loss import decoder_hidden_states, token_nll
 from xrec_pl.models.sources import EmbeddingSource, EmbeddingSourceKind
-from xrec_pl.utils import check_choice, write_jsonl
+from xrec_pl.utils import check_choice
 
 __all__ = ["Decoder", "ExplainerModule", "OptimizerName"]
 
@@ -70,7 +62,7 @@ PostProcess = Literal["none", "xrec"]
 GenerationDefaults = Literal["greedy", "model"]
 
 
-class ExplainerModule(pl.LightningModule):
+class ExplainerModule(GenerationMixin, pl.LightningModule):
     """Frozen LLM + user/item adapters + embedding injection (XRec stage 2).
 
     Args:
@@ -176,20 +168,9 @@ class ExplainerModule(pl.LightningModule):
                 llm, dtype=llm_dtype, quantization=quantization, extra_tokens=tuple(extra_tokens or ())
             )
         self.llm.requires_grad_(False).eval()
-        self.sampling: Sampling = resolve_sampling(
-            generation_defaults,
-            getattr(self.llm, "generation_config", None),
-            {
-                "do_sample": do_sample,
-                "temperature": temperature,
-                "top_p": top_p,
-                "top_k": top_k,
-                "repetition_penalty": repetition_penalty,
-                "no_repeat_ngram_size": no_repeat_ngram_size,
-            },
+        self.sampling: Sampling = self.resolve_decoding(
+            generation_defaults, do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size
         )
-        if not self.sampling.is_greedy:
-            rank_zero_info(f"ExplainerModule: decoding with {self.sampling}")
         self.llm_info = get_llm_info(self.llm)
         hidden = self.llm_info.hidden_size
 
@@ -333,96 +314,6 @@ class ExplainerModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_end("test/loss")
-
-    # ------------------------------------------------------------------------------------------ generation
-    def stop_ids(self) -> list[int]:
-        """The token ids that end an explanation: the tokenizer's EOS, the generation config's and, with
-        ``postprocess="xrec"``, every token whose text holds a ``[`` (nothing after it survives the cut)."""
-        return stop_ids(self.tokenizer, self.llm, self._bracket_stops())
-
-    def _bracket_stops(self) -> list[int]:
-        if self.hparams.get("postprocess", "none") != "xrec":
-            return []
-        if getattr(self, "_bracket_ids", None) is None:
-            self._bracket_ids = bracket_token_ids(self.tokenizer)
-        return self._bracket_ids
-
-    @torch.no_grad()
-    def generate_explanations(self, batch: dict[str, Any], max_new_tokens: int | None = None) -> list[str]:
-        """Greedy explanations for a left-padded prompt batch (``generation_dataloader`` / predict loader).
-
-        Injection applies to the prefill only; decoding uses the KV cache; each row stops at EOS.
-
-        Args:
-            batch: ``input_ids``/``attention_mask`` ``(B, T)`` left-padded, ``user_pos``/``item_pos``/``user_id``/
-                ``item_id`` ``(B,)``.
-            max_new_tokens: overrides the module's ``max_new_tokens``.
-
-        Returns:
-            ``B`` strings: the decoded new tokens, special tokens removed, stripped.
-        """
-        input_ids = batch["input_ids"].to(self.device)
-        attention_mask = batch["attention_mask"].to(self.device)
-        if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("generate_explanations needs left-padded batches (use generation_dataloader)")
-        batch = {k: (v.to(self.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-        # the reserved tokens and the added pad token have untrained rows in a tied LM head: never emit them
-        suppress = self.llm_info.reserved_token_ids.values()
-        config = greedy_config(
-            self.tokenizer,
-            self.llm,
-            max_new_tokens or self.hparams.max_new_tokens,
-            suppress,
-            sampling=self.sampling,
-            extra_stops=self._bracket_stops(),
-        )
-        # no dropout, no gate noise while generating
-        with eval_mode(self.user_adapter, self.item_adapter), self.injecting_batch(batch):
-            new_tokens = self.generate_tokens(input_ids, attention_mask, config)  # (B, <= max_new_tokens)
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        if self.hparams.get("postprocess", "none") == "xrec":
-            texts = [cut_at_bracket(t) for t in texts]
-        return [text.strip() for text in texts]
-
-    def generate_tokens(self, input_ids: Tensor, attention_mask: Tensor, config: Any) -> Tensor:
-        """The greedy new tokens ``(B, N)`` for a left-padded prompt batch (subclass hook).
-
-        ``decoder="compact"`` (default) drops finished rows from the batch (:func:`greedy_generate`);
-        ``decoder="hf"`` calls ``llm.generate``. Both give the same tokens (tested).
-        """
-        if self.hparams.get("decoder", "compact") == "compact":
-            return greedy_with_config(self.llm, config, attention_mask, input_ids=input_ids)
-        out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        return out[:, input_ids.shape[1] :]
-
-    def on_predict_epoch_start(self) -> None:
-        self._predictions = []
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        texts = self.generate_explanations(batch)
-        rows = [
-            {"uid": int(u), "iid": int(i), "prediction": t, "reference": r, "index": int(x)}
-            for u, i, t, r, x in zip(
-                batch["user_id"].tolist(), batch["item_id"].tolist(), texts, batch["reference"], batch["index"].tolist()
-            )
-        ]
-        self._predictions.extend(rows)
-        return rows
-
-    def on_predict_epoch_end(self) -> None:
-        """Gather the predictions of all ranks and write them, ordered by record index, on rank zero."""
-        rows = self._predictions
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        if self.trainer.is_global_zero:
-            unique = {row["index"]: row for row in rows}  # samplers that pad repeat rows
-            ordered = [unique[i] for i in sorted(unique)]
-            path = Path(self.trainer.default_root_dir) / self.hparams.predictions_file
-            write_jsonl(path, [{k: row[k] for k in ("uid", "iid", "prediction", "reference")} for row in ordered])
-            rank_zero_info(f"wrote {len(ordered)} predictions to {path}")
-        self._predictions = []
 
     # ------------------------------------------------------------------------------------------ optimizer
     def adapter_parameters(self) -> list[nn.Parameter]:
