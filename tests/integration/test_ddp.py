@@ -47,11 +47,11 @@ def write_log(tmp_path, monkeypatch):
 
     import callbacks.embedding_export as export
     import callbacks.run_artifacts as artifacts
-    import xrec_pl.lit.explainer as explainer
+    import xrec_pl.lit.generation as generation
 
     monkeypatch.setattr(export, "save_embeddings", counting("embeddings", export.save_embeddings))
     monkeypatch.setattr(artifacts, "dump_json", counting("metrics", artifacts.dump_json))
-    monkeypatch.setattr(explainer, "write_jsonl", counting("predictions", explainer.write_jsonl))
+    monkeypatch.setattr(generation, "write_jsonl", counting("predictions", generation.write_jsonl))
     return lambda: sorted(line.split()[0] for line in log.read_text().splitlines()) if log.exists() else []
 
 
