@@ -4,7 +4,7 @@ Two families of commands share one entry point:
 
 * ``fit``, ``validate``, ``test``, ``predict``: LightningCLI over any of the project's LightningModules and
   DataModules, chosen by ``class_path`` in the YAML config (``xrec-pl fit -c configs/stage1/synthetic.yaml``).
-* tools: ``pipeline``, ``evaluate``, ``make-synthetic``, ``convert``, ``bench``, ``experiment`` (jsonargparse
+* tools: ``pipeline``, ``evaluate``, ``make-synthetic``, ``convert``, ``bench``, ``experiment``, ``analyze`` (jsonargparse
   functions; each takes ``--config`` too).
 
 Bad input (``DataError``, ``ConfigError``) ends the program with one line on stderr and exit code 2.
@@ -23,7 +23,7 @@ from xrec_pl.errors import CLI_ERRORS, ConfigError
 from xrec_pl.tools.stage_cli import XrecCLI, offline_defaults
 
 STAGE_COMMANDS = ("fit", "validate", "test", "predict")
-TOOL_COMMANDS = ("pipeline", "evaluate", "make-synthetic", "convert", "bench", "experiment")
+TOOL_COMMANDS = ("pipeline", "evaluate", "make-synthetic", "convert", "bench", "experiment", "analyze")
 
 
 # ----------------------------------------------------------------------------------------------------- tool commands
@@ -128,6 +128,7 @@ def evaluate(
 
 
 def _tool_functions() -> dict[str, Any]:
+    from xrec_pl.analysis import analyze
     from xrec_pl.tools.bench import bench
     from xrec_pl.tools.experiment import experiment
     from xrec_pl.tools.pipeline import pipeline
@@ -139,6 +140,7 @@ def _tool_functions() -> dict[str, Any]:
         "convert": convert,
         "bench": bench,
         "experiment": experiment,
+        "analyze": analyze,
     }
 
 
@@ -154,6 +156,7 @@ Tools:
   convert         convert an XRec folder's pickles to parquet/jsonl once
   bench           benchmarks against reference-style implementations
   experiment      run an ablation suite over seeds and write a report
+  analyze         embedding-swap test, soft-prompt analysis, outlier buckets of a trained stage-2 run
 
 `xrec-pl COMMAND --help` shows every option of a command.
 """
