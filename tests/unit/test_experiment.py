@@ -63,6 +63,26 @@ def test_shipped_suites_load():
         assert suite.reference_arm in suite.arms
 
 
+def test_sweep_suites_cover_the_requested_points():
+    from xrec_pl.tools.experiment import _stage1_key
+    from xrec_pl.tools.suite import ARMS
+
+    experts = load_suite("configs/experiments/sweep-experts-synthetic.yaml")
+    assert experts.data_dir is None and "community" in experts.metrics  # synthetic: the community test decides
+    assert [ARMS[a].get("stage2", []) for a in experts.arms] == [
+        ["ablations/experts_1.yaml"],
+        ["ablations/experts_2.yaml"],
+        ["ablations/experts_4.yaml"],
+        [],
+        ["ablations/experts_16.yaml"],
+    ]
+    dims = load_suite("configs/experiments/sweep-dim-synthetic.yaml")
+    assert dims.arms == ["dim_32", "xrec", "dim_128"]
+    assert len({_stage1_key(a) for a in dims.arms}) == 3  # each width trains its own LightGCN
+    amazon = load_suite("configs/experiments/sweep-amazon.yaml")
+    assert amazon.data_dir == "../shared/data/amazon" and {"experts_1", "dim_128", "xrec"} <= set(amazon.arms)
+
+
 def test_folder_of_same_suite_with_other_settings_is_refused(tmp_path):
     out = tmp_path / "d"
     out.mkdir()

@@ -41,6 +41,19 @@ ARMS: dict[str, dict[str, Any]] = {
         "stage2": ["ablations/prompt_tuning.yaml"],
         "doc": "peft prompt tuning on the frozen LLM, same prompt, no graph",
     },
+    # sweeps (issue 15): "xrec" is the 8-expert, 64-d point of both
+    **{
+        f"experts_{n}": {"stage2": [f"ablations/experts_{n}.yaml"], "doc": f"MoE adapters with {n} expert(s)"}
+        for n in (1, 2, 4, 16)
+    },
+    **{
+        f"dim_{d}": {
+            "stage1": [f"ablations/lightgcn_dim_{d}.yaml"],
+            "stage2": [f"ablations/graph_dim_{d}.yaml"],
+            "doc": f"{d}-d LightGCN embeddings (own stage 1) read by the adapters",
+        }
+        for d in (32, 128)
+    },
 }
 
 
