@@ -214,3 +214,13 @@ def test_bad_inputs_name_the_problem(tmp_path, runs):
         analyze(str(tmp_path), parts=["swap"])
     with pytest.raises(DataError, match="unknown part"):
         analyze(str(runs["fixed"]), parts=["nope"])
+
+
+def test_cli_analyze_writes_into_the_run_folder(runs, capsys):
+    from xrec_pl.cli import main
+
+    assert main(["analyze", "--run", str(runs["random"]), "--parts", "[swap]", "--limit", "6"]) == 0
+    summary = json.loads((runs["random"] / "analysis" / "swap.json").read_text())
+    assert summary["n"] == 6 and summary["embedding_source"] == "random"
+    assert main(["analyze", "--run", str(runs["random"]), "--parts", "[telepathy]"]) == 2
+    assert "unknown part" in capsys.readouterr().err
