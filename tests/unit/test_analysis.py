@@ -146,6 +146,11 @@ class _FakeScorer:
         return f1, f1, f1
 
 
+def test_soft_prompt_replace_subset(runs):
+    out = analyze(str(runs["random"]), parts=["soft_prompt"], replace=["both"], limit=4)["soft_prompt"]
+    assert set(out["mean_replacement"]) == {"both"} and out["n"] == 4
+
+
 def test_soft_prompt_analysis_fixed_vs_graph(runs):
     fixed = analyze(str(runs["fixed"]), parts=["soft_prompt"])["soft_prompt"]
     for point in fixed["points"]:
@@ -214,6 +219,8 @@ def test_bad_inputs_name_the_problem(tmp_path, runs):
         analyze(str(tmp_path), parts=["swap"])
     with pytest.raises(DataError, match="unknown part"):
         analyze(str(runs["fixed"]), parts=["nope"])
+    with pytest.raises(DataError, match="--replace"):
+        analyze(str(runs["fixed"]), parts=["soft_prompt"], replace=["half"])
 
 
 def test_cli_analyze_writes_into_the_run_folder(runs, capsys):

@@ -37,6 +37,7 @@ def analyze(
     batch_size: int | None = None,
     edges: list[int] | None = None,
     threads: int | None = None,
+    replace: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run analyses on a trained stage-2 run and write their results into ``RUN/analysis/``.
 
@@ -57,6 +58,8 @@ def analyze(
         batch_size: teacher-forced batch size (default: the run's ``eval_batch_size``).
         edges: rank edges of the buckets (default ``[20, 1000]``).
         threads: torch threads (default: leave as is; ``OMP_NUM_THREADS`` applies).
+        replace: ``soft_prompt`` mean-replacement variants among ``user``, ``item``, ``both`` (default: all three;
+            each is one more pass over the split).
 
     Returns:
         ``{part: summary}``.
@@ -71,6 +74,8 @@ def analyze(
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise DataError(f"--parts: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    if any(r not in ("user", "item", "both") for r in replace or ()):
+        raise DataError(f"--replace: {replace}; choose among user, item, both")
     if threads:
         torch.set_num_threads(int(threads))
     run_dir = Path(run)
@@ -96,7 +101,9 @@ def analyze(
     if "soft_prompt" in parts:
         from xrec_pl.analysis.soft_prompt import soft_prompt_analysis
 
-        summary, rows = soft_prompt_analysis(loaded, split=split, seed=seed, precision=precision)
+        summary, rows = soft_prompt_analysis(
+            loaded, split=split, seed=seed, precision=precision, replace=tuple(replace or ("user", "item", "both"))
+        )
         results["soft_prompt"] = {**summary, **context}
         dump_json(out_dir / "soft_prompt.json", results["soft_prompt"])
         write_jsonl(out_dir / "soft_prompt.jsonl", rows)

@@ -112,9 +112,15 @@ class _BaseNorms:
 
 @torch.no_grad()
 def soft_prompt_analysis(
-    run: LoadedRun, split: str = "tst", seed: int = 0, precision: str = "32"
+    run: LoadedRun,
+    split: str = "tst",
+    seed: int = 0,
+    precision: str = "32",
+    replace: tuple[str, ...] = ("user", "item", "both"),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Dispersion of the injected vectors per injection point, and the mean-replacement NLL test.
+
+    ``replace`` chooses the mean-replacement variants (each is one more pass over the split).
 
     Returns:
         ``(summary, rows)``: ``summary["points"]`` (one entry per injection point and slot), ``summary["input"]``
@@ -154,7 +160,11 @@ def soft_prompt_analysis(
     summary["token_embedding_mean_norm"] = token_norm
 
     means = vectors.mean(dim=0, keepdim=True)  # (1, 2, H)
-    variants = {"own": None, "user": (0,), "item": (1,), "both": (0, 1)}
+    known = {"user": (0,), "item": (1,), "both": (0, 1)}
+    bad = [r for r in replace if r not in known]
+    if bad:
+        raise ValueError(f"replace: unknown variant(s) {bad}; choose from {sorted(known)}")
+    variants = {"own": None, **{r: known[r] for r in replace}}
     nll: dict[str, list[np.ndarray]] = {k: [] for k in variants}
     base = _BaseNorms(projections, hidden)
     with base:
