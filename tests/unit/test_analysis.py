@@ -16,7 +16,8 @@ from xrec_pl.analysis.buckets import bucket_labels, bucket_names, item_ranks
 from xrec_pl.analysis.run import adapter_vectors, load_run, record_nll, teacher_batches
 from xrec_pl.analysis.soft_prompt import dispersion
 from xrec_pl.analysis.swap import derangement, swap_partners
-from xrec_pl.data.io import DataError, save_embeddings
+from xrec_pl.data.embeddings import save_embeddings
+from xrec_pl.errors import DataError
 from xrec_pl.lit.explainer import ExplainerModule
 
 
@@ -188,7 +189,7 @@ def test_buckets_from_predictions(runs, synthetic_dir, emb_path, monkeypatch):
         for k, r in enumerate(recs)
     ]
     (run_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    import xrec_pl.evaluate as ev
+    import xrec_pl.tools.evaluate as ev
 
     real = ev.evaluate
 

@@ -67,7 +67,7 @@ def analyze(
     import torch
 
     from xrec_pl.analysis.run import find_checkpoint
-    from xrec_pl.data.io import DataError
+    from xrec_pl.errors import DataError
     from xrec_pl.utils import dump_json, write_jsonl
 
     parts = list(parts or PARTS)

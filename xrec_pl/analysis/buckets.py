@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from xrec_pl.data.io import DataError, load_embeddings, read_interactions, read_para_dict
+from xrec_pl.data.embeddings import load_embeddings
+from xrec_pl.data.io import read_interactions, read_para_dict
+from xrec_pl.errors import DataError
 from xrec_pl.metrics.significance import bootstrap_mean_diff_ci
 
 __all__ = ["bucket_labels", "bucket_names", "bucket_report", "item_ranks"]
@@ -101,7 +103,7 @@ def bucket_report(
         embeddings: stage-1 ``embeddings.safetensors``.
         data_dir: the dataset (its training interactions are masked).
         edges: bucket edges on the rank.
-        metrics: metrics of :func:`xrec_pl.evaluate.evaluate` (per-record ones get CIs; ``usr`` per bucket).
+        metrics: metrics of :func:`xrec_pl.tools.evaluate.evaluate` (per-record ones get CIs; ``usr`` per bucket).
         swap_rows: the swap test's ``swap.jsonl`` of this run (adds NLL changes per bucket), optional.
         seed: bootstrap seed.
         metric_kwargs: options for the metrics, e.g. ``{"bertscore": {...}}``.
@@ -111,7 +113,7 @@ def bucket_report(
     """
     from scipy import stats
 
-    from xrec_pl.evaluate import evaluate
+    from xrec_pl.tools.evaluate import evaluate
 
     path = Path(predictions)
     if not path.is_file():

@@ -8,6 +8,7 @@ record's vectors, and therefore its scores, are deterministic.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from xrec_pl.data.io import DataError
+from xrec_pl.errors import DataError
 
 __all__ = ["LoadedRun", "adapter_vectors", "find_checkpoint", "load_run", "record_nll", "teacher_batches"]
 
@@ -78,7 +79,8 @@ def load_run(
         raise DataError(f"{ckpt}: not an ExplainerModule checkpoint (no explainer hyper-parameters)")
     if not dm_hp and data_dir is None:
         raise DataError(f"{ckpt}: no datamodule hyper-parameters stored; pass --data_dir")
-    dm_hp.pop("tokenizer", None)
+    accepted = set(inspect.signature(ExplanationDataModule.__init__).parameters) - {"self", "tokenizer"}
+    dm_hp = {k: v for k, v in dm_hp.items() if k in accepted}  # drops LightningCLI's _class_path etc.
     if data_dir is not None:
         dm_hp["data_dir"] = data_dir
     if eval_subset is not None:

@@ -215,7 +215,7 @@ def _generation_change(
 
 
 def _bertscore_f1(predictions: list[str], references: list[str], options: dict[str, Any]) -> dict[str, Any]:
-    from xrec_pl.evaluate import evaluate
+    from xrec_pl.tools.evaluate import evaluate
 
     res = evaluate(predictions, references, metrics=("bertscore",), per_sample=True, bertscore=options)
     return {"f1": np.asarray(res["per_sample"]["bertscore_f1"], dtype=np.float64), "backbone": res["backbones"]}
