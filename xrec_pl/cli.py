@@ -128,7 +128,7 @@ def evaluate(
 
 
 def _tool_functions() -> dict[str, Any]:
-    from xrec_pl.analysis import analyze
+    from xrec_pl.tools.analysis import analyze
     from xrec_pl.tools.bench import bench
     from xrec_pl.tools.experiment import experiment
     from xrec_pl.tools.pipeline import pipeline

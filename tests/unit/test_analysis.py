@@ -1,4 +1,4 @@
-"""Analyses of trained stage-2 runs (xrec_pl.analysis) on tiny random Llamas and the tiny synthetic dataset."""
+"""Analyses of trained stage-2 runs (xrec_pl.tools.analysis) on tiny random Llamas and the tiny synthetic dataset."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import torch
 
 from data_modules.explanations import ExplanationDataModule
 from tests.helpers import quiet_trainer
-from xrec_pl.analysis import analyze
-from xrec_pl.analysis.buckets import bucket_labels, bucket_names, item_ranks
-from xrec_pl.analysis.run import adapter_vectors, load_run, record_nll, teacher_batches
-from xrec_pl.analysis.soft_prompt import dispersion
-from xrec_pl.analysis.swap import derangement, swap_partners
 from xrec_pl.data.embeddings import save_embeddings
 from xrec_pl.errors import DataError
 from xrec_pl.lit.explainer import ExplainerModule
+from xrec_pl.tools.analysis import analyze
+from xrec_pl.tools.analysis.buckets import bucket_labels, bucket_names, item_ranks
+from xrec_pl.tools.analysis.run import adapter_vectors, load_run, record_nll, teacher_batches
+from xrec_pl.tools.analysis.soft_prompt import dispersion
+from xrec_pl.tools.analysis.swap import derangement, swap_partners
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +123,7 @@ def test_swap_test_fixed_arm_is_exactly_zero_graph_arm_is_not(runs):
 
 
 def test_swap_test_generation_change(runs):
-    from xrec_pl.analysis.swap import swap_test
+    from xrec_pl.tools.analysis.swap import swap_test
 
     run = load_run(runs["fixed"])
     run.module.hparams.max_new_tokens = 4

@@ -1,14 +1,13 @@
-"""Learning curve (xrec_pl.analysis.curve, callbacks.learning_curve): merged CSV versions, PNG at fit end."""
+"""Learning curve (callbacks.learning_curve, callbacks.learning_curve): merged CSV versions, PNG at fit end."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
-from callbacks.learning_curve import LearningCurve
+from callbacks.learning_curve import LearningCurve, plot_learning_curve, read_curve
 from data_modules.explanations import ExplanationDataModule
 from tests.helpers import quiet_trainer
-from xrec_pl.analysis.curve import plot_learning_curve, read_curve
 from xrec_pl.lit.explainer import ExplainerModule
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

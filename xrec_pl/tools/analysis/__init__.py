@@ -66,8 +66,8 @@ def analyze(
     """
     import torch
 
-    from xrec_pl.analysis.run import find_checkpoint
     from xrec_pl.errors import DataError
+    from xrec_pl.tools.analysis.run import find_checkpoint
     from xrec_pl.utils import dump_json, write_jsonl
 
     parts = list(parts or PARTS)
@@ -86,20 +86,20 @@ def analyze(
 
     loaded = None
     if "swap" in parts or "soft_prompt" in parts:
-        from xrec_pl.analysis.run import load_run
+        from xrec_pl.tools.analysis.run import load_run
 
         t0 = time.perf_counter()
         loaded = load_run(run_dir, str(ckpt), data_dir, embeddings, eval_subset=limit, batch_size=batch_size)
         context["load_s"] = time.perf_counter() - t0
     if "swap" in parts:
-        from xrec_pl.analysis.swap import swap_test
+        from xrec_pl.tools.analysis.swap import swap_test
 
         summary, rows = swap_test(loaded, split=split, seed=seed, generate=generate, precision=precision)
         results["swap"] = {**summary, **context}
         dump_json(out_dir / "swap.json", results["swap"])
         write_jsonl(out_dir / "swap.jsonl", rows)
     if "soft_prompt" in parts:
-        from xrec_pl.analysis.soft_prompt import soft_prompt_analysis
+        from xrec_pl.tools.analysis.soft_prompt import soft_prompt_analysis
 
         summary, rows = soft_prompt_analysis(
             loaded, split=split, seed=seed, precision=precision, replace=tuple(replace or ("user", "item", "both"))
@@ -108,7 +108,7 @@ def analyze(
         dump_json(out_dir / "soft_prompt.json", results["soft_prompt"])
         write_jsonl(out_dir / "soft_prompt.jsonl", rows)
     if "buckets" in parts:
-        from xrec_pl.analysis.buckets import bucket_report
+        from xrec_pl.tools.analysis.buckets import bucket_report
 
         hp, dm_hp = _stored_hparams(ckpt)
         emb = embeddings or hp.get("embeddings_path")

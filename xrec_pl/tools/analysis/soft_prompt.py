@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xrec_pl.analysis.run import LoadedRun, adapter_vectors, record_nll, teacher_batches
 from xrec_pl.metrics.significance import compare_paired
+from xrec_pl.tools.analysis.run import LoadedRun, adapter_vectors, record_nll, teacher_batches
 
 __all__ = ["dispersion", "soft_prompt_analysis"]
 

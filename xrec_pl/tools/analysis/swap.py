@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from xrec_pl.analysis.run import LoadedRun, adapter_vectors, record_nll, teacher_batches
 from xrec_pl.metrics.significance import compare_paired
+from xrec_pl.tools.analysis.run import LoadedRun, adapter_vectors, record_nll, teacher_batches
 
 __all__ = ["derangement", "swap_partners", "swap_test"]
 
@@ -87,7 +87,7 @@ def swap_test(
     """Run the swap test on ``split`` of a loaded run.
 
     Args:
-        run: from :func:`xrec_pl.analysis.run.load_run`.
+        run: from :func:`xrec_pl.tools.analysis.run.load_run`.
         split: ``tst`` or ``val``.
         seed: seed of the derangements (user and item partners use ``seed`` and ``seed + 1``).
         generate: also generate for this many records (0: NLL only) and report BERTScore own-vs-swapped text.
