@@ -57,6 +57,15 @@ def runs(synthetic_dir, emb_path, tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def graph_swap(runs):
+    """The graph run's swap.jsonl (runs the swap test once if no earlier test did)."""
+    path = runs["graph"] / "analysis" / "swap.jsonl"
+    if not path.exists():
+        analyze(str(runs["graph"]), parts=["swap"])
+    return path
+
+
 def test_derangement_has_no_fixed_point_and_is_seeded():
     for n in (2, 3, 10, 329):
         perm = derangement(n, seed=3)
@@ -181,9 +190,9 @@ def test_item_ranks_mask_training_items():
     assert bucket_labels(np.array([1, 2, 3, 4, 5]), (2, 4)) == ["top-2", "top-2", "3-4", "3-4", "over-4"]
 
 
-def test_buckets_from_predictions(runs, synthetic_dir, emb_path, monkeypatch):
+def test_buckets_from_predictions(runs, graph_swap, monkeypatch):
     run_dir = runs["graph"]
-    recs = [json.loads(x) for x in (run_dir / "analysis" / "swap.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in graph_swap.read_text().splitlines()]
     rows = [
         {"uid": r["uid"], "iid": r["iid"], "prediction": f"text {k}", "reference": r["reference"]}
         for k, r in enumerate(recs)
@@ -213,6 +222,19 @@ def test_buckets_from_predictions(runs, synthetic_dir, emb_path, monkeypatch):
             assert "nll_user_swap_minus_own" in b
     out = [json.loads(x) for x in (run_dir / "analysis" / "buckets.jsonl").read_text().splitlines()]
     assert all(r["rank"] >= 1 for r in out)
+
+
+def test_buckets_without_predictions_use_the_swap_records(graph_swap, synthetic_dir, emb_path, tmp_path):
+    from xrec_pl.tools.analysis.buckets import bucket_report
+
+    swap = graph_swap
+    summary, rows = bucket_report(tmp_path / "none.jsonl", emb_path, synthetic_dir, edges=(2, 10), swap_rows=swap)
+    assert summary["n"] == 10 and len(rows) == 10
+    first = next(b for b in summary["buckets"].values() if b["n"])
+    assert set(first) >= {"nll_own", "nll_user_swap_minus_own", "nll_item_swap_minus_own"}
+    assert "bertscore_f1" not in first and "usr" not in first
+    with pytest.raises(DataError, match="predictions file not found"):
+        bucket_report(tmp_path / "none.jsonl", emb_path, synthetic_dir, swap_rows=tmp_path / "nothing.jsonl")
 
 
 def test_bad_inputs_name_the_problem(tmp_path, runs):

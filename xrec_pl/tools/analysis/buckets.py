@@ -86,8 +86,15 @@ def _mean_ci(values: np.ndarray, seed: int) -> dict[str, float]:
     return {"n": int(values.size), "mean": float(values.mean()), "ci_low": low, "ci_high": high}
 
 
+def _read_swaps(path: str | Path | None) -> dict[tuple[int, int], dict[str, Any]]:
+    if path is None or not Path(path).is_file():
+        return {}
+    rows = (json.loads(x) for x in Path(path).read_text().splitlines() if x.strip())
+    return {(r["uid"], r["iid"]): r for r in rows}
+
+
 def bucket_report(
-    predictions: str | Path,
+    predictions: str | Path | None,
     embeddings: str | Path,
     data_dir: str | Path,
     edges: Sequence[int] = (20, 1000),
@@ -99,7 +106,8 @@ def bucket_report(
     """Per-bucket metrics of a predictions file.
 
     Args:
-        predictions: ``predictions.jsonl`` (``uid, iid, prediction, reference``).
+        predictions: ``predictions.jsonl`` (``uid, iid, prediction, reference``); when it does not exist, the
+            records of ``swap_rows`` are bucketed with their NLLs only.
         embeddings: stage-1 ``embeddings.safetensors``.
         data_dir: the dataset (its training interactions are masked).
         edges: bucket edges on the rank.
@@ -115,37 +123,40 @@ def bucket_report(
 
     from xrec_pl.tools.evaluate import evaluate
 
-    path = Path(predictions)
-    if not path.is_file():
-        raise DataError(f"{path}: predictions file not found (run predict first)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if not rows or not all({"uid", "iid", "prediction", "reference"} <= set(r) for r in rows):
-        raise DataError(f"{path}: expected JSON lines with uid, iid, prediction, reference")
+    swaps = _read_swaps(swap_rows)
+    if predictions is not None and Path(predictions).is_file():
+        path = Path(predictions)
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not rows or not all({"uid", "iid", "prediction", "reference"} <= set(r) for r in rows):
+            raise DataError(f"{path}: expected JSON lines with uid, iid, prediction, reference")
+    elif swaps:  # no generations: bucket the swap test's records (NLL only)
+        rows = [{"uid": s["uid"], "iid": s["iid"]} for s in swaps.values()]
+    else:
+        raise DataError(f"{predictions}: predictions file not found (run predict first, or run the swap test)")
     user_emb, item_emb = load_embeddings(embeddings)
     para = read_para_dict(data_dir)
     train = read_interactions(data_dir, "trn", para["user_num"], para["item_num"])
     ranks = item_ranks(user_emb, item_emb, [r["uid"] for r in rows], [r["iid"] for r in rows], train)
     labels = bucket_labels(ranks, edges)
-    scores = evaluate(
-        [r["prediction"] for r in rows],
-        [r["reference"] for r in rows],
-        metrics=tuple(metrics),
-        per_sample=True,
-        **(metric_kwargs or {}),
-    )
-    per_record = {k: np.asarray(v, dtype=np.float64) for k, v in scores.pop("per_sample").items()}
-    if swap_rows is not None and Path(swap_rows).is_file():
-        swaps = {
-            (s["uid"], s["iid"]): s for s in (json.loads(x) for x in Path(swap_rows).read_text().splitlines() if x)
-        }
+    per_record: dict[str, np.ndarray] = {}
+    scores: dict[str, Any] = {}
+    if "prediction" in rows[0]:
+        scores = evaluate(
+            [r["prediction"] for r in rows],
+            [r["reference"] for r in rows],
+            metrics=tuple(metrics),
+            per_sample=True,
+            **(metric_kwargs or {}),
+        )
+        per_record = {k: np.asarray(v, dtype=np.float64) for k, v in scores.pop("per_sample").items()}
+    else:
+        metrics = ()
+    if swaps:
+        keyed = [swaps.get((r["uid"], r["iid"])) for r in rows]
+        per_record["nll_own"] = np.asarray([s["nll_own"] if s else np.nan for s in keyed])
         for kind in ("user", "item"):
             per_record[f"nll_{kind}_swap_minus_own"] = np.asarray(
-                [
-                    swaps[(r["uid"], r["iid"])][f"nll_{kind}_swap"] - swaps[(r["uid"], r["iid"])]["nll_own"]
-                    if (r["uid"], r["iid"]) in swaps
-                    else np.nan
-                    for r in rows
-                ]
+                [s[f"nll_{kind}_swap"] - s["nll_own"] if s else np.nan for s in keyed]
             )
     names = bucket_names(edges)
     lab = np.asarray(labels)
