@@ -109,6 +109,10 @@ def _preds(ctx: Ctx) -> Path:
     return path
 
 
+def experiment(ctx: Ctx, *extra: str) -> list[str]:
+    return ["experiment", "-c", str(REPO / "configs/experiments/smoke.yaml"), "--out_dir", str(ctx.run), *extra]
+
+
 def evaluate(ctx: Ctx, *extra: str) -> list[str]:
     return ["evaluate", "--predictions", str(_preds(ctx)), "--metrics", "[usr]", *extra]
 
@@ -485,32 +489,8 @@ TOOL_FAULTS: list[Case] = [
         lambda c: ["bench", "--parts", "[nope]", "--out", str(c.run / "b.json")],
         lambda c: ["nope"],
     ),
-    Case(
-        "tool-experiment-unknown-arm",
-        lambda c: [
-            "experiment",
-            "-c",
-            str(REPO / "configs/experiments/smoke.yaml"),
-            "--out_dir",
-            str(c.run),
-            "--arms",
-            "[nope]",
-        ],
-        lambda c: ["nope"],
-    ),
-    Case(
-        "tool-experiment-no-seeds",
-        lambda c: [
-            "experiment",
-            "-c",
-            str(REPO / "configs/experiments/smoke.yaml"),
-            "--out_dir",
-            str(c.run),
-            "--seeds",
-            "[]",
-        ],
-        lambda c: ["seed"],
-    ),
+    Case("tool-experiment-unknown-arm", lambda c: experiment(c, "--arms", "[nope]"), lambda c: ["nope"]),
+    Case("tool-experiment-no-seeds", lambda c: experiment(c, "--seeds", "[]"), lambda c: ["seed"]),
     Case("tool-unknown-command", lambda c: ["frobnicate"], lambda c: ["frobnicate"]),
     Case("tool-pipeline-unknown-option", lambda c: [*pipeline(c), "--nope", "1"], lambda c: ["nope"]),
 ]

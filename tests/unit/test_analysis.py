@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from data_modules.explanations import ExplanationDataModule
+from tests.fixtures.data import random_embeddings_file
 from tests.helpers import quiet_trainer
-from xrec_pl.data.embeddings import save_embeddings
 from xrec_pl.errors import DataError
 from xrec_pl.lit.explainer import ExplainerModule
 from xrec_pl.tools.analysis import analyze
@@ -28,10 +28,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def emb_path(synthetic_dir, tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    path = tmp_path_factory.mktemp("emb") / "embeddings.safetensors"
-    save_embeddings(path, torch.randn(60, 16, generator=g), torch.randn(50, 16, generator=g))
-    return str(path)
+    return random_embeddings_file(tmp_path_factory.mktemp("emb"), dim=16)
 
 
 def _train_run(root, data_dir, emb_path, source, llm="tiny-random", steps=6):

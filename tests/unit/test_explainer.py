@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from data_modules.explanations import ExplanationDataModule
+from tests.fixtures.data import random_embeddings_file
 from tests.helpers import quiet_trainer
 from tests.oracles import full_logits_loss
-from xrec_pl.data.embeddings import save_embeddings
 from xrec_pl.errors import DataError, LLMLoadError
 from xrec_pl.lit.explainer import ExplainerModule
 
@@ -23,10 +23,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def emb_path(synthetic_dir, tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    path = tmp_path_factory.mktemp("emb") / "embeddings.safetensors"
-    save_embeddings(path, torch.randn(60, 64, generator=g), torch.randn(50, 64, generator=g))
-    return str(path)
+    return random_embeddings_file(tmp_path_factory.mktemp("emb"), dim=64)
 
 
 def make(emb_path, **kwargs):
