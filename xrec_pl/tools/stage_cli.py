@@ -147,6 +147,12 @@ class XrecCLI(LightningCLI):
             if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
                 raise DataError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict)")
 
+    def before_fit(self) -> None:
+        # the W&B run id goes into every checkpoint, and a resumed fit reopens the checkpoint's run
+        from xrec_pl.loggers import resume_wandb_run
+
+        resume_wandb_run(self.trainer, self.config[self.subcommand].get("ckpt_path"))
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         root = place_run_outputs(cfg.trainer, subcommand=self.subcommand, ckpt_path=cfg.get("ckpt_path"))
