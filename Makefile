@@ -7,7 +7,7 @@ PY := $(BIN)/python
 PYTEST_ARGS ?=
 RUN_DIR ?= runs/synthetic
 
-.PHONY: setup train train-amazon test test-unit test-gpu lint format bench smoke clean
+.PHONY: setup train train-amazon test test-unit test-gpu lint format bench bench-gpu smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +35,11 @@ test:
 test-unit:
 	$(BIN)/pytest tests/unit -q $(PYTEST_ARGS)
 
+# The CUDA tests (tests/gpu, marked gpu): skipped without CUDA, each also run on CPU by `make test` where it can be.
+# pytest exits 5 when it collects nothing: that must fail, not pass silently.
 test-gpu:
-	$(BIN)/pytest -m gpu -q $(PYTEST_ARGS)
+	@$(BIN)/pytest tests/gpu -m gpu -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "test-gpu: no gpu tests collected" >&2; exit 1; fi; exit $$rc
 
 lint:
 	$(BIN)/ruff check .
@@ -48,6 +51,11 @@ format:
 
 bench:
 	$(BIN)/xrec-pl bench --out bench_results/bench.json
+
+# Stage 2 at Llama-2-7B shape on one GPU (random bf16 weights): training tokens/s, MFU, generation tokens/s, peak
+# memory -> JSON. Without CUDA it runs a tiny model as a smoke test (< 1 minute).
+bench-gpu:
+	$(PY) -m xrec_pl.tools.bench.gpu --out bench_results/bench_gpu.json
 
 clean:
 	rm -rf runs bench_results .pytest_cache
