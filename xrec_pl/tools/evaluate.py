@@ -175,6 +175,7 @@ def _run_metrics(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Run each metric over all pairs; returns (scores, backbones, per-sample scores)."""
     from xrec_pl.metrics import build_metric
+    from xrec_pl.progress import progress_bar
 
     predictions, references = list(predictions), list(references)
     n = len(predictions)
@@ -185,17 +186,19 @@ def _run_metrics(
     scores: dict[str, Any] = {}
     backbones: dict[str, Any] = {}
     per_sample: dict[str, Any] = {}
-    for name in metrics:
+    for position, name in enumerate(metrics, start=1):
         key = name.lower().replace("-", "_")
         opts = dict(options.get(key, {}))
         if key == "bertscore" and opts.get("idf") and opts.get("idf_sents") is None:
             opts["idf_sents"] = references  # as bert_score.score(idf=True): idf from the references
         metric = build_metric(key, **opts)
-        for start in range(0, n, step):
-            metric.update(
-                predictions[start : start + step], references[start : start + step], ids[start : start + step]
-            )
-        scores.update(metric.compute())
+        with progress_bar(n, f"{key} ({position}/{len(metrics)})", unit="pair") as bar:
+            for start in range(0, n, step):
+                metric.update(
+                    predictions[start : start + step], references[start : start + step], ids[start : start + step]
+                )
+                bar.update(len(predictions[start : start + step]))
+            scores.update(metric.compute())
         backbones[key] = metric.describe()
         samples = metric.sample_scores()
         sample_ids = samples.pop("sample_id").tolist()

@@ -13,6 +13,7 @@ reference arm, paired per record), ``report.md`` and ``report.png``.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from xrec_pl.outputs import check_output_dir
 from xrec_pl.tools.report import write_report
 from xrec_pl.tools.suite import ARMS, Suite, validate_suite
 from xrec_pl.utils import dump_json
+
+log = logging.getLogger(__name__)
 
 
 def _stage1_key(arm: str) -> str:
@@ -132,9 +135,19 @@ def experiment(
     started = time.perf_counter()
 
     if not report_only:
-        for seed in seeds:
-            for arm in to_run:
+        from xrec_pl.progress import progress_bar
+
+        runs = [(seed, arm) for seed in seeds for arm in to_run]
+        with progress_bar(len(runs), f"experiment {name}", unit="run") as bar:
+            for i, (seed, arm) in enumerate(runs, start=1):
+                bar.set_postfix_str(f"arm {arm} ({i}/{len(runs)}), seed {seed}")
                 run_arm(spec, out, arm, seed, pipeline)
+                bar.update(1)
+                elapsed = time.perf_counter() - started
+                log.info(
+                    "experiment %s: %d/%d runs done (arm %s, seed %d), elapsed %.0f s, ETA %.0f s",
+                    name, i, len(runs), arm, seed, elapsed, elapsed / i * (len(runs) - i),
+                )  # fmt: skip
     return write_report(spec, out, seeds, wall_s=time.perf_counter() - started)
 
 
