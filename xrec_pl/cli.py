@@ -185,11 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     from xrec_pl.run_lock import release_all
 
     try:
+        from xrec_pl.config_files import expand_config_args
+
+        argv = expand_config_args(argv)  # -c xrec:stage2/synthetic -> the shipped file
         problem = config_file_problem(argv)
         if problem is not None:
             raise ConfigError(problem)
         if argv[0] in STAGE_COMMANDS:
             # from the shell LightningCLI reads sys.argv itself (passing both makes it warn)
+            if from_command_line and argv != sys.argv[1:]:
+                sys.argv[1:] = argv  # the expanded xrec: names (LightningCLI reads sys.argv itself)
             XrecCLI(args=None if from_command_line else argv)
         elif argv[0] in TOOL_COMMANDS:
             from jsonargparse import CLI

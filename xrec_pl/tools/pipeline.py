@@ -22,20 +22,16 @@ from typing import Any
 
 from xrec_pl import run_layout
 from xrec_pl.data.synthetic import SyntheticSize
-from xrec_pl.errors import ConfigError
 from xrec_pl.outputs import check_output_dir
 from xrec_pl.run_lock import lock_run_folder
 from xrec_pl.utils import dump_json
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 def resolve_config(path: str) -> Path:
-    """Find a config by path, or relative to the repository's ``configs/`` folder."""
-    for candidate in (Path(path), REPO_ROOT / path, REPO_ROOT / "configs" / path):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"{path}: config file not found (looked in ., {REPO_ROOT} and {REPO_ROOT / 'configs'})")
+    """Find a config: as given, ``xrec:NAME`` among the shipped configs, or a relative path in the shipped configs."""
+    from xrec_pl.config_files import resolve_config as resolve
+
+    return resolve(path)
 
 
 def _write(text: str) -> None:
