@@ -29,6 +29,7 @@ def cli_env(**extra: str) -> dict[str, str]:
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )
     env.update(extra)
+    env.pop("WANDB_SERVICE", None)  # a W&B service started by an in-process test is never shared with a child run
     return env
 
 

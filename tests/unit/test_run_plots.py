@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -70,21 +71,26 @@ def test_callback_writes_plots_and_logs_them_to_wandb(tmp_path, monkeypatch):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    wandb = XrecWandbLogger(mode="offline", save_dir=str(tmp_path))
-    logged = []
-    monkeypatch.setattr(wandb, "log_image", lambda key, images, **kw: logged.append((key, images)))
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1)), batch_size=2)
+    csv_logger = CSVLogger(str(tmp_path), name="logs")
     trainer = pl.Trainer(
-        max_epochs=2, default_root_dir=str(tmp_path), logger=[CSVLogger(str(tmp_path), name="logs"), wandb],
-        callbacks=[RunPlots()], log_every_n_steps=1, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False,
+        max_epochs=2, default_root_dir=str(tmp_path), logger=[csv_logger], callbacks=[RunPlots()],
+        log_every_n_steps=1, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
     )  # fmt: skip
     trainer.fit(Tiny(), data, data)
     names = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert names == ["stage1_ranking.png", "train_loss.png"]
+
+    # with W&B on, the images go to W&B too (log_image stubbed: no W&B run is started in the test process)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    wandb = XrecWandbLogger(mode="offline", save_dir=str(tmp_path))
+    logged = []
+    monkeypatch.setattr(wandb, "log_image", lambda key, images, **kw: logged.append((key, images)))
+    fake = SimpleNamespace(loggers=[csv_logger, wandb], default_root_dir=str(tmp_path))
+    assert len(RunPlots().plot(fake)) == 2
     assert sorted(k for k, _ in logged) == ["plots/stage1_ranking", "plots/train_loss"]
     assert all(Path(images[0]).is_file() for _, images in logged)
+    assert wandb._experiment is None
 
 
 @pytest.mark.parametrize("config", ["stage1/synthetic.yaml", "stage2/synthetic.yaml", "stage2/llama2_7b.yaml"])
