@@ -160,7 +160,10 @@ trainer:
         steps.append(sorted({int(r["trainer/global_step"]) for r in _history(log) if "train/loss" in r}))
     before, after = steps
     assert before and after, steps
-    assert before == [0, 1, 2] and after == list(range(3, 10)), steps  # 2 epochs x 5 steps, on from step 3
+    # 2 epochs x 5 steps, on from step 3. Before the kill, W&B may not have flushed its last second of history (a
+    # SIGKILL on a loaded machine can lose step 2): what it kept is a prefix of 0..2, and nothing is logged twice.
+    assert before == list(range(len(before))) and len(before) <= 3, steps
+    assert after == list(range(3, 10)), steps
 
 
 def test_project_entity_tags_group_reach_wandb_init(tmp_path):
