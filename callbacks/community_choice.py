@@ -80,12 +80,12 @@ def community_choice(
     """
     from data_modules.batching import PadCollator
 
-    builder = datamodule._require_builder()
-    collate = PadCollator(datamodule._pad_id(), side="right")
+    builder = datamodule.prompt_builder
+    collate = PadCollator(datamodule.pad_id, side="right")
     items, meta = [], []
-    rows = datamodule._subset_rows(split) if subset else range(datamodule.num_records(split))
+    rows = datamodule.subset_rows(split) if subset else range(datamodule.num_records(split))
     for row in [int(r) for r in rows]:
-        record = datamodule._record(split, row)
+        record = datamodule.record(split, row)
         truth = _find(str(record["explanation"]), phrases)
         if truth is None or phrases[truth].lower() not in str(record["explanation"]).lower():
             continue  # no single community named (verbatim): nothing to swap

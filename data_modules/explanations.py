@@ -118,6 +118,7 @@ class ExplanationDataModule(pl.LightningDataModule):
         self._sizes: tuple[int | None, int | None] | None = None
         self._table_sizes: tuple[int | None, int | None] = (None, None)
         self._records: dict[str, Any] = {}
+        self._fixed_rows: dict[str, np.ndarray] = {}
         self._teacher: dict[str, list[dict[str, Any]]] = {}
         self._prompts: dict[tuple[str, int], dict[str, Any]] = {}
 
@@ -177,14 +178,19 @@ class ExplanationDataModule(pl.LightningDataModule):
         elif stage == "predict":
             self._prompt_items(self.predict_split, None)
 
-    def _read(self, split: str):
+    def split_records(self, split: str) -> Any:
+        """All records of ``split`` (``"trn"``, ``"val"`` or ``"tst"``) as a DataFrame, read and checked once."""
         if split not in self._records:
             n_users, n_items = self._table_sizes
             self._records[split] = read_records(self.data_dir, split, num_users=n_users, num_items=n_items)
         return self._records[split]
 
-    def _subset_rows(self, split: str) -> np.ndarray:
-        n = len(self._read(split))
+    def subset_rows(self, split: str) -> np.ndarray:
+        """Row numbers of ``split`` the loaders use: the rows set by :meth:`use_rows`, else the seeded subset
+        (``train_subset`` / ``eval_subset``), else every row."""
+        if split in self._fixed_rows:
+            return self._fixed_rows[split]
+        n = len(self.split_records(split))
         limit = self.train_subset if split == "trn" else self.eval_subset
         if limit is None or limit >= n:
             return np.arange(n)
@@ -193,20 +199,28 @@ class ExplanationDataModule(pl.LightningDataModule):
         rng = np.random.default_rng(epoch_seed(self.seed, 0, stream=1 if split == "trn" else 2))
         return np.sort(rng.choice(n, size=limit, replace=False))
 
-    def _record(self, split: str, row: int) -> dict[str, Any]:
-        return self._read(split).iloc[int(row)].to_dict()
+    def use_rows(self, split: str, rows: list[int]) -> None:
+        """Use exactly these row numbers of ``split`` instead of the seeded subset (benchmarks pick their own rows)."""
+        self._fixed_rows[split] = np.asarray(rows, dtype=np.int64)
+        self._teacher.pop(split, None)
 
-    def _require_builder(self) -> PromptBuilder:
+    def record(self, split: str, row: int) -> dict[str, Any]:
+        """Record ``row`` of ``split`` as a dict of its columns."""
+        return self.split_records(split).iloc[int(row)].to_dict()
+
+    @property
+    def prompt_builder(self) -> PromptBuilder:
+        """The prompt builder made in :meth:`setup` (``RuntimeError`` before it)."""
         if self.builder is None:
             raise RuntimeError("ExplanationDataModule.setup() has not run (no tokenizer yet)")
         return self.builder
 
     def _teacher_items(self, split: str) -> list[dict[str, Any]]:
         if split not in self._teacher:
-            builder = self._require_builder()
+            builder = self.prompt_builder
             items = []
-            for row in self._subset_rows(split):
-                rec = self._record(split, row)
+            for row in self.subset_rows(split):
+                rec = self.record(split, row)
                 enc = builder.encode_train(rec)
                 enc.update(
                     user_id=int(rec["uid"]), item_id=int(rec["iid"]), index=int(row), reference=str(rec["explanation"])
@@ -216,9 +230,9 @@ class ExplanationDataModule(pl.LightningDataModule):
         return self._teacher[split]
 
     def _prompt_items(self, split: str, indices: list[int] | None) -> list[dict[str, Any]]:
-        builder = self._require_builder()
-        n = len(self._read(split))
-        rows = self._subset_rows(split) if indices is None else np.asarray(list(indices), dtype=np.int64)
+        builder = self.prompt_builder
+        n = len(self.split_records(split))
+        rows = self.subset_rows(split) if indices is None else np.asarray(list(indices), dtype=np.int64)
         bad = rows[(rows < 0) | (rows >= n)]
         if bad.size:
             raise IndexError(f"{split}: record index {int(bad[0])} outside [0, {n})")
@@ -226,7 +240,7 @@ class ExplanationDataModule(pl.LightningDataModule):
         for row in rows.tolist():
             key = (split, row)
             if key not in self._prompts:
-                rec = self._record(split, row)
+                rec = self.record(split, row)
                 enc = builder.encode_prompt(rec)
                 enc.update(
                     user_id=int(rec["uid"]), item_id=int(rec["iid"]), index=row, reference=str(rec["explanation"])
@@ -236,8 +250,10 @@ class ExplanationDataModule(pl.LightningDataModule):
         return items
 
     # ------------------------------------------------------------------------------------------------ loaders
-    def _pad_id(self) -> int:
-        return int(self._require_builder().tokenizer.pad_token_id)
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad token id (after :meth:`setup`)."""
+        return int(self.prompt_builder.tokenizer.pad_token_id)
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {"num_workers": self.num_workers, "persistent_workers": self.num_workers > 0}
@@ -245,7 +261,7 @@ class ExplanationDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         items = [{k: v for k, v in it.items() if k != "reference"} for it in self._teacher_items("trn")]
         dataset = ListDataset(items)
-        collate = PadCollator(self._pad_id(), side="right")
+        collate = PadCollator(self.pad_id, side="right")
         if self.bucket_by_length:
             sampler = BucketSampler([len(it["input_ids"]) for it in items], self.batch_size, seed=self.seed)
             return ResumableDataLoader(
@@ -273,7 +289,7 @@ class ExplanationDataModule(pl.LightningDataModule):
             batch_size=batch_size or self.eval_batch_size,
             sampler=sampler,
             shuffle=False,
-            collate_fn=PadCollator(self._pad_id(), side=side),
+            collate_fn=PadCollator(self.pad_id, side=side),
             **self._loader_kwargs(),
         )
 
@@ -304,7 +320,7 @@ class ExplanationDataModule(pl.LightningDataModule):
 
     def num_records(self, split: str) -> int:
         """Number of records in a split file (before any subset)."""
-        return len(self._read(_split_name(split)))
+        return len(self.split_records(_split_name(split)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(data_dir={os.fspath(self.data_dir)!r}, style={self.style!r})"

@@ -227,7 +227,7 @@ def test_predict_writes_jsonl(synthetic_dir, emb_path, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == dm.num_records("tst") == sum(len(b) for b in out)
     assert all(set(r) == {"uid", "iid", "prediction", "reference"} for r in rows)
-    records = dm._read("tst")
+    records = dm.split_records("tst")
     assert [r["reference"] for r in rows] == records["explanation"].tolist()  # file order
 
 

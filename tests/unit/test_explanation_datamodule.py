@@ -52,7 +52,7 @@ def test_generation_batches_left_padded_with_references(dm, tiny_tokenizer):
     loader = dm.generation_dataloader("val", indices=[4, 0, 7, 2])
     batches = list(loader)
     assert sum(len(b["reference"]) for b in batches) == 4
-    records = dm._read("val")
+    records = dm.split_records("val")
     for batch in batches:
         assert "labels" not in batch
         assert {"reference", "user_id", "item_id", "index"} <= set(batch)
@@ -141,3 +141,13 @@ def test_subsets_and_sizes(synthetic_dir, tiny_tokenizer):
     assert len(dm.train_dataloader().dataset) == 10
     assert len(dm.val_dataloader().dataset) == 4
     assert dm.num_users == 60 and dm.num_items == 50
+
+
+def test_use_rows_replaces_the_seeded_subset(dm):
+    first = [int(b) for batch in dm.train_dataloader() for b in batch["index"].tolist()]
+    assert sorted(first) == list(range(dm.num_records("trn")))
+    dm.use_rows("trn", [5, 1, 3])
+    assert dm.subset_rows("trn").tolist() == [5, 1, 3]
+    assert sorted(int(b) for batch in dm.train_dataloader() for b in batch["index"].tolist()) == [1, 3, 5]
+    assert dm.record("trn", 3) == dm.split_records("trn").iloc[3].to_dict()
+    assert dm.pad_id == dm.prompt_builder.tokenizer.pad_token_id

@@ -73,7 +73,7 @@ def _memory_child(args: argparse.Namespace) -> dict[str, Any]:
         opt = torch.optim.Adam([p for a in adapters for p in a.parameters()], lr=1e-4)
         reference_train(module, dm.builder, records, adapters, opt, device)
     else:
-        dm._subset_rows = _fixed_rows(dm._subset_rows, rows)
+        dm.use_rows("trn", rows)
         fit_ours(module, dm, device, args.precision)
     out: dict[str, Any] = {"rss_after_load_mb": loaded, "train_peak_rss_mb": peak_rss_mb()}
     if device != "cpu":
@@ -112,7 +112,7 @@ def _bench_memory(data_dir: Path, opts: dict[str, Any]) -> dict[str, Any]:
 def _pick(dm, split: str, n: int, seed: int) -> tuple[list[int], list[dict]]:
     import numpy as np
 
-    frame = dm._read(split)
+    frame = dm.split_records(split)
     rng = np.random.default_rng(seed + (0 if split == "trn" else 1))
     rows = sorted(rng.choice(len(frame), size=min(n, len(frame)), replace=False).tolist())
     return rows, [frame.iloc[r].to_dict() for r in rows]
@@ -189,7 +189,7 @@ def run_stage2_bench(
     if "stage2" in parts:
         rows, records = _pick(dm, "trn", train_records, seed)
         # the DataModule's own seeded subset choice must pick the same rows: hand it exactly these
-        dm._subset_rows = _fixed_rows(dm._subset_rows, rows)
+        dm.use_rows("trn", rows)
         results["stage2"] = {**bench_training(module, dm, records, rows, opts), "machine": header}
     if "ablation" in parts:
         rows, records = _pick(dm, "trn", max(train_records, 4 * batch_size), seed + 1)
@@ -207,15 +207,6 @@ def run_stage2_bench(
 
         dump_json(out_json, results)
     return results
-
-
-def _fixed_rows(original, rows: list[int]):
-    import numpy as np
-
-    def subset_rows(split: str):
-        return np.asarray(rows, dtype=np.int64) if split == "trn" else original(split)
-
-    return subset_rows
 
 
 def format_table(results: dict[str, Any], quick: bool = False) -> str:
