@@ -40,6 +40,20 @@ def test_tiny_models_are_frozen_llamas(request, fixture, kv_heads):
     assert info.vocab_size == len(tok) and info.dtype == "float32"
     assert set(info.added_tokens) == {PAD_TOKEN, *RESERVED_TOKENS}
     assert info.reserved_token_ids == info.added_tokens
+    assert not any(name.startswith("xrec") for name in vars(model))  # the identity stays on our side
+
+
+def test_llm_info_follows_the_model_object():
+    import gc
+    import weakref
+
+    model, _ = load_frozen_llm("tiny-random")
+    other, _ = load_frozen_llm("tiny-random-gqa")
+    assert get_llm_info(model).num_kv_heads == 4 and get_llm_info(other).num_kv_heads == 2
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None  # the kept identity does not keep the model alive
 
 
 def test_reserved_and_pad_tokens(tiny_tokenizer, tiny_llm):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -37,6 +38,10 @@ if TYPE_CHECKING:
 from xrec_pl.models.llm_loading import BUILTIN_LLMS, load_embedded, load_pretrained, quantization_kwargs
 
 log = logging.getLogger(__name__)
+
+# the identity of each model load_frozen_llm returned, kept on our side (nothing is written onto the HF object);
+# weak keys: an entry goes with its model
+_INFO: weakref.WeakKeyDictionary[Any, LLMInfo] = weakref.WeakKeyDictionary()
 
 RESERVED_TOKENS = ("<USER_EMBED>", "<ITEM_EMBED>")
 PAD_TOKEN = "<|pad|>"
@@ -127,7 +132,8 @@ def load_frozen_llm(
 
     Returns:
         ``(model, tokenizer)``. The model is frozen (no parameter requires grad), in eval mode, uses SDPA attention,
-        and carries an :class:`LLMInfo` as ``model.xrec_pl_info`` (also available through :func:`get_llm_info`).
+        and described by an :class:`LLMInfo` that :func:`get_llm_info` returns (kept by xrec-pl, keyed weakly by
+        the model object; no attribute is added to the transformers model).
         The tokenizer pads on the right; set ``tokenizer.padding_side = "left"`` for batched generation.
 
     Raises:
@@ -158,8 +164,9 @@ def load_frozen_llm(
     added = add_reserved_tokens(model, tokenizer, extra_tokens=tuple(extra_tokens))
     model.requires_grad_(False)
     model.eval()
-    model.xrec_pl_info = describe_llm(model, tokenizer, name_or_path, source, added)
-    log.info("loaded frozen LLM %s", model.xrec_pl_info)
+    info = describe_llm(model, tokenizer, name_or_path, source, added)
+    _INFO[model] = info
+    log.info("loaded frozen LLM %s", info)
     return model, tokenizer
 
 
@@ -183,10 +190,10 @@ def registered_llm(name: str, build: Callable[[], tuple[Any, Any, str]]) -> Iter
 
 
 def get_llm_info(model: PreTrainedModel) -> LLMInfo:
-    """The :class:`LLMInfo` that :func:`load_frozen_llm` attached to ``model``."""
-    info = getattr(model, "xrec_pl_info", None)
+    """The :class:`LLMInfo` of a model that :func:`load_frozen_llm` returned (``ValueError`` for any other model)."""
+    info = _INFO.get(model)
     if info is None:
-        raise ValueError("this model was not loaded with xrec_pl.models.llm.load_frozen_llm (no xrec_pl_info)")
+        raise ValueError("this model was not loaded with xrec_pl.models.llm.load_frozen_llm (no LLMInfo for it)")
     return info
 
 
