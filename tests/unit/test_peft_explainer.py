@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from data_modules.explanations import ExplanationDataModule
 from tests.helpers import quiet_trainer
 from tests.oracles import full_logits_loss, greedy_uncached
+from xrec_pl.lit.explainer import ExplainerModule
 from xrec_pl.lit.peft_explainer import PeftExplainerModule
 
 METHODS = ["lora", "prompt_tuning"]
@@ -229,7 +231,12 @@ def test_ablation_delta_in_pipeline_order(synthetic_dir, tmp_path, method):
     model = cli.model
     assert isinstance(model, PeftExplainerModule) and model.hparams.method == method
     assert model.hparams.max_new_tokens == 64  # kept from the stage config
-    assert model.hparams.injection == "none" and model.hparams.embeddings_path is None
+    # composition, not a subclass of the explainer: hparams are this class's own arguments, nothing injected
+    assert not isinstance(model, ExplainerModule)
+    assert {k for k in model.hparams if not k.startswith("_")} == set(
+        inspect.signature(PeftExplainerModule.__init__).parameters
+    ) - {"self"}
+    assert model.quiet_while_generating() == () and model.arm_identity()["injection"] == "none"
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -34,23 +34,15 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from xrec_pl import run_layout
 from xrec_pl.data.embeddings import load_checked_embeddings
-from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.errors import ConfigError, DataError
-from xrec_pl.lit.checkpoint import load_validated, save_trainable
-from xrec_pl.lit.generation import GenerationMixin
-from xrec_pl.lit.optim import adam_with_warmup
+from xrec_pl.lit.frozen_lm import FrozenLMModule
 from xrec_pl.models.adapters import AdapterKind, build_adapter
-from xrec_pl.models.decoding import Sampling
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
-from xrec_pl.models.llm import get_llm_info, load_frozen_llm, set_layer_checkpointing
-from xrec_pl.models.lm_loss import decoder_hidden_states, token_nll
 from xrec_pl.models.sources import EmbeddingSource, EmbeddingSourceKind
 from xrec_pl.utils import check_choice
 
@@ -62,7 +54,7 @@ PostProcess = Literal["none", "xrec"]
 GenerationDefaults = Literal["greedy", "model"]
 
 
-class ExplainerModule(GenerationMixin, pl.LightningModule):
+class ExplainerModule(FrozenLMModule):
     """Frozen LLM + user/item adapters + embedding injection (XRec stage 2).
 
     Args:
@@ -160,18 +152,14 @@ class ExplainerModule(GenerationMixin, pl.LightningModule):
             raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {weight_decay} and {warmup_steps}")
         if embedding_source == "graph" and not embeddings_path:
             raise ValueError("embedding_source='graph' needs embeddings_path (stage 1's embeddings.safetensors)")
-        self.strict_loading = False  # checkpoints hold the adapters only; on_load_checkpoint validates them
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.llm, self.tokenizer = load_frozen_llm(
-                llm, dtype=llm_dtype, quantization=quantization, extra_tokens=tuple(extra_tokens or ())
-            )
-        self.llm.requires_grad_(False).eval()
-        self.sampling: Sampling = self.resolve_decoding(
-            generation_defaults, do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size
+        self.init_frozen_llm(
+            llm,
+            llm_dtype,
+            seed,
+            quantization,
+            extra_tokens,
+            (generation_defaults, do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size),
         )
-        self.llm_info = get_llm_info(self.llm)
         hidden = self.llm_info.hidden_size
 
         user = item = None
@@ -187,11 +175,7 @@ class ExplainerModule(GenerationMixin, pl.LightningModule):
         # not an nn.Module (it only holds hooks and a reference to the llm); "none" installs nothing
         self.injector = EmbeddingInjector(self.llm, mode=injection if trains else "none").install()
 
-        if gradient_checkpointing:
-            self.llm.activation_checkpointing_enable({"use_reentrant": False})
-            set_layer_checkpointing(self.llm, True)
-        self._predictions: list[dict[str, Any]] = []
-        self._eval_totals = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count) of the running eval epoch
+        self.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------------------------------ embeddings
     def setup(self, stage: str) -> None:
@@ -232,30 +216,13 @@ class ExplainerModule(GenerationMixin, pl.LightningModule):
         positions = torch.stack([batch["user_pos"], batch["item_pos"]], dim=1)  # (B, 2)
         return positions, vectors
 
+    def quiet_while_generating(self) -> tuple[nn.Module | None, ...]:
+        return self.user_adapter, self.item_adapter
+
     def injecting_batch(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
         """Context in which the LLM's forward injects this batch's adapted graph vectors (no-op without adapters)."""
         inj = self._injection(batch)
         return contextlib.nullcontext() if inj is None else self.injector.injecting(*inj)
-
-    # ------------------------------------------------------------------------------------------ loss
-    def lm_loss(self, batch: dict[str, Any], reduction: str = "mean") -> Tensor:
-        """Mean (or, with ``reduction="sum"``, summed) cross-entropy over labelled tokens, LM head at those only.
-
-        Equal to the loss of ``llm(input_ids, attention_mask, labels=labels)`` (tested).
-        """
-        nll, _ = self.token_nll(batch)
-        return nll.mean() if reduction == "mean" else nll.sum()
-
-    def token_nll(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """Cross-entropy of every labelled token ``(N,)`` and the batch row it belongs to ``(N,)``.
-
-        The LM head runs at the labelled positions only (with the model's logit soft-capping, if any).
-        """
-        return token_nll(self.llm, self.lm_hidden_states(batch), batch["labels"])
-
-    def lm_hidden_states(self, batch: dict[str, Any]) -> Tensor:
-        """Last hidden states ``(B, T, H)`` of the batch's tokens (subclasses may prepend virtual tokens)."""
-        return decoder_hidden_states(self.llm, batch["input_ids"], batch["attention_mask"])
 
     # ------------------------------------------------------------------------------------------ steps
     @property
@@ -266,10 +233,7 @@ class ExplainerModule(GenerationMixin, pl.LightningModule):
         inj = self._injection(batch)
         if inj is not None:
             self.injector.set_context(*inj)  # kept until on_train_batch_end (after backward)
-        loss = self.lm_loss(batch)
-        if self._trainer is not None:
-            self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss if self.trains_anything else None
+        return super().training_step(batch, batch_idx)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.injector.clear()
@@ -277,95 +241,21 @@ class ExplainerModule(GenerationMixin, pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.injector.clear()
 
-    def _eval_loss(self, batch: dict[str, Any], key: str) -> Tensor:
-        # summed over tokens here, divided by the token count of the whole split (all ranks) at the epoch end
-        with self.injecting_batch(batch):
-            total = self.lm_loss(batch, reduction="sum")
-        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        self._eval_totals = self._eval_totals + torch.stack(
-            [total.detach().double(), total.new_tensor(tokens).double()]
-        )
-        return total / max(tokens, 1)
-
-    def _eval_end(self, key: str) -> None:
-        """Log ``key`` = token-level mean cross-entropy over the split: sums and counts all-reduced, then divided.
-
-        The same value whatever the batching or the number of ranks (each record is evaluated by one rank).
-        """
-        totals = self.trainer.strategy.reduce(self._eval_totals.to(self.device), reduce_op="sum")  # (2,)
-        if float(totals[1]) > 0:
-            self.log(key, (totals[0] / totals[1]).float(), prog_bar=True, sync_dist=False)
-        self._eval_totals = torch.zeros(2, dtype=torch.float64)
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_totals = torch.zeros(2, dtype=torch.float64)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._eval_loss(batch, "val/loss")
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end("val/loss")
-
-    def on_test_epoch_start(self) -> None:
-        self._eval_totals = torch.zeros(2, dtype=torch.float64)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._eval_loss(batch, "test/loss")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end("test/loss")
-
     # ------------------------------------------------------------------------------------------ optimizer
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters, found structurally: those of the two adapters."""
         return [p for m in (self.user_adapter, self.item_adapter) if m is not None for p in m.parameters()]
 
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        adapter_params = self.adapter_parameters()
-        if {id(p) for p in params} != {id(p) for p in adapter_params}:
-            raise RuntimeError("trainable parameters differ from the adapter parameters; the LLM must stay frozen")
-        n_train = sum(p.numel() for p in params)
-        n_frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        rank_zero_info(
-            f"ExplainerModule: {n_train:,} trainable (adapter) parameters, {n_frozen:,} frozen; "
-            f"adapter={self.hparams.adapter} injection={self.hparams.injection} "
-            f"embeddings={self.hparams.embedding_source}"
-        )
-        if not params:
-            rank_zero_warn(
-                f"adapter={self.hparams.adapter!r} / injection={self.hparams.injection!r}: nothing to train; fit only "
-                "evaluates (use validate/test/predict for this baseline)"
-            )
-            return None
+    def describe_arm(self) -> str:
         hp = self.hparams
-        return adam_with_warmup(params, hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
-
-    # ------------------------------------------------------------------------------------------ modes
-    def train(self, mode: bool = True) -> ExplainerModule:
-        """Set the adapters' mode; the LLM always stays in eval mode (layer flags aside for checkpointing)."""
-        super().train(mode)
-        self.llm.eval()
-        if self.hparams.gradient_checkpointing:
-            set_layer_checkpointing(self.llm, mode)
-        return self
+        return f"adapter={hp.adapter} injection={hp.injection} embeddings={hp.embedding_source}"
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _identity(self) -> dict[str, Any]:
+    def arm_identity(self) -> dict[str, Any]:
         hp = self.hparams
         return {
-            "llm": self.llm_info.to_dict(),
             "adapter": hp.adapter,
             "injection": hp.injection,
             "graph_dim": hp.graph_dim,
             "num_experts": hp.num_experts if hp.adapter == "moe" else None,
         }
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the adapter weights (never the frozen LLM) and record what they were trained with."""
-        save_trainable(self, checkpoint, self._identity())
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse checkpoints of another LLM/adapter, or with missing/unexpected adapter keys (``DataError``)."""
-        where = (self._trainer.ckpt_path if self._trainer is not None else None) or "checkpoint"
-        load_validated(self, checkpoint, self._identity(), self.IDENTITY_KEYS, str(where))

@@ -33,7 +33,7 @@ class GenerationMixin:
     """``generate_explanations``, ``generate_tokens``, ``predict_step`` and the predictions file.
 
     Expects ``llm``, ``tokenizer``, ``llm_info``, ``sampling``, ``hparams`` (``max_new_tokens``, ``decoder``,
-    ``postprocess``, ``predictions_file``), ``user_adapter``/``item_adapter`` and ``injecting_batch`` on the host.
+    ``postprocess``, ``predictions_file``), ``quiet_while_generating()`` and ``injecting_batch`` on the host.
     """
 
     def resolve_decoding(
@@ -105,7 +105,7 @@ class GenerationMixin:
             extra_stops=self._bracket_stops(),
         )
         # no dropout, no gate noise while generating
-        with eval_mode(self.user_adapter, self.item_adapter), self.injecting_batch(batch):
+        with eval_mode(*self.quiet_while_generating()), self.injecting_batch(batch):
             new_tokens = self.generate_tokens(input_ids, attention_mask, config)  # (B, <= max_new_tokens)
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         if self.hparams.get("postprocess", "none") == "xrec":

@@ -1,8 +1,8 @@
 """PeftExplainerModule: peft LoRA or peft prompt tuning on the frozen LLM — comparison arms without graph embeddings.
 
 The same frozen LLM, the same prompt and the same training/generation/checkpoint machinery as
-:class:`~xrec_pl.lit.explainer.ExplainerModule` (this class *is* one, built with ``adapter="none"``,
-``injection="none"``), so only the parameter-efficient method differs between the arms:
+:class:`~xrec_pl.lit.explainer.ExplainerModule` (both build on :class:`~xrec_pl.lit.frozen_lm.FrozenLMModule`; nothing
+is injected and there is no graph file), so only the parameter-efficient method differs between the arms:
 
 - ``method="lora"``: ``peft.get_peft_model`` adds LoRA matrices to ``target_modules`` (default ``q_proj``/``v_proj``)
   of every decoder layer, in place; the loss and ``generate()`` run through the LLM as usual.
@@ -25,7 +25,6 @@ own dropout follows the module's train/eval mode while the frozen LLM stays in e
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Literal
 
 import torch
@@ -33,7 +32,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from xrec_pl import run_layout
-from xrec_pl.lit.explainer import Decoder, ExplainerModule, OptimizerName
+from xrec_pl.lit.explainer import Decoder, OptimizerName
+from xrec_pl.lit.frozen_lm import FrozenLMModule
 from xrec_pl.models.decoding import greedy_with_config
 from xrec_pl.utils import check_choice
 
@@ -41,11 +41,12 @@ __all__ = ["PeftExplainerModule", "PeftMethod", "PromptInit"]
 
 PeftMethod = Literal["lora", "prompt_tuning"]
 PromptInit = Literal["vocab", "text", "random"]
-# What this class fixes in the explainer: nothing injected, no graph file, no per-id tables.
-_EXPLAINER_FIXED = {"adapter": "none", "injection": "none", "embedding_source": "fixed", "embeddings_path": None}
+# The explainer's switches as these arms' checkpoints have always recorded them (nothing injected, no adapter), so
+# that checkpoints stay comparable with the explainer's and loadable across versions.
+_EXPLAINER_IDENTITY = {"adapter": "none", "injection": "none", "graph_dim": 64, "num_experts": None}
 
 
-class PeftExplainerModule(ExplainerModule):
+class PeftExplainerModule(FrozenLMModule):
     """Frozen LLM + peft LoRA or prompt tuning, trained on the explainer's prompts (no graph embeddings).
 
     Args:
@@ -73,14 +74,7 @@ class PeftExplainerModule(ExplainerModule):
     """
 
     # the method and its shape first, then the explainer's switches (all "none" here)
-    IDENTITY_KEYS = (
-        "method",
-        "lora_r",
-        "lora_alpha",
-        "target_modules",
-        "num_virtual_tokens",
-        *ExplainerModule.IDENTITY_KEYS,
-    )
+    IDENTITY_KEYS = ("method", "lora_r", "lora_alpha", "target_modules", "num_virtual_tokens", *_EXPLAINER_IDENTITY)
 
     def __init__(
         self,
@@ -104,22 +98,19 @@ class PeftExplainerModule(ExplainerModule):
         predictions_file: str = run_layout.PREDICTIONS,
         seed: int = 0,
     ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
         check_choice("method", method, PeftMethod)
         check_choice("prompt_init", prompt_init, PromptInit)
-        super().__init__(
-            llm=llm,
-            llm_dtype=llm_dtype,
-            **_EXPLAINER_FIXED,
-            lr=lr,
-            weight_decay=weight_decay,
-            optimizer=optimizer,
-            warmup_steps=warmup_steps,
-            max_new_tokens=max_new_tokens,
-            decoder=decoder,
-            gradient_checkpointing=gradient_checkpointing,
-            predictions_file=predictions_file,
-            seed=seed,
-        )
+        check_choice("decoder", decoder, Decoder)
+        check_choice("optimizer", optimizer, OptimizerName)
+        for name, value in (("lr", lr), ("max_new_tokens", max_new_tokens)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if weight_decay < 0 or warmup_steps < 0:
+            raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {weight_decay} and {warmup_steps}")
+        self.init_frozen_llm(llm, llm_dtype, seed)
+        self.enable_gradient_checkpointing()
         import peft
 
         if method == "lora":
@@ -144,21 +135,6 @@ class PeftExplainerModule(ExplainerModule):
         n_train = sum(p.numel() for p in self.adapter_parameters())
         rank_zero_info(f"PeftExplainerModule: method={method}, {n_train:,} trainable parameters")
 
-    def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None:
-        """Also record the explainer settings this class fixes (``adapter="none"``, ...).
-
-        The explainer reads them from ``hparams``; when LightningCLI instantiates this class, ``hparams`` would
-        otherwise hold only this class's own arguments.
-        """
-        kwargs.setdefault("frame", inspect.currentframe().f_back)  # the caller's frame, as Lightning would use
-        super().save_hyperparameters(*args, **kwargs)
-        defaults = {
-            k: p.default for k, p in inspect.signature(ExplainerModule.__init__).parameters.items() if k != "self"
-        }
-        missing = {k: v for k, v in {**defaults, **_EXPLAINER_FIXED}.items() if k not in self.hparams}
-        if missing:
-            super().save_hyperparameters(missing, logger=kwargs.get("logger", True))
-
     # ------------------------------------------------------------------------------------------ peft pieces
     def _lora_layers(self) -> list[nn.Module]:
         from peft.tuners.lora import LoraLayer
@@ -179,6 +155,9 @@ class PeftExplainerModule(ExplainerModule):
     @property
     def trains_anything(self) -> bool:
         return True
+
+    def describe_arm(self) -> str:
+        return f"peft {self.hparams.method} (no graph embeddings)"
 
     def _init_prompt_from_text(self, text: str) -> None:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -225,16 +204,12 @@ class PeftExplainerModule(ExplainerModule):
             layer.lora_dropout.train(mode)
         return self
 
-    def configure_optimizers(self) -> Any:
-        rank_zero_info(f"PeftExplainerModule: training peft {self.hparams.method} (no graph embeddings)")
-        return super().configure_optimizers()
-
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _identity(self) -> dict[str, Any]:
+    def arm_identity(self) -> dict[str, Any]:
         hp = self.hparams
         lora = hp.method == "lora"
         return {
-            **super()._identity(),
+            **_EXPLAINER_IDENTITY,
             "method": hp.method,
             "lora_r": hp.lora_r if lora else None,
             "lora_alpha": hp.lora_alpha if lora else None,

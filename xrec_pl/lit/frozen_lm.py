@@ -1,0 +1,202 @@
+"""FrozenLMModule: the Lightning glue every stage-2 arm shares — a frozen causal LLM and a few trainable parts.
+
+The graph-conditioned explainer (:class:`~xrec_pl.lit.explainer.ExplainerModule`) and the peft comparison arms
+(:class:`~xrec_pl.lit.peft_explainer.PeftExplainerModule`) both build on this class; neither builds on the other.
+A subclass calls ``self.save_hyperparameters()`` in its own ``__init__`` (its hparams then hold exactly its own
+arguments), then :meth:`init_frozen_llm`, and provides:
+
+- :meth:`adapter_parameters`: the trainable parameters, found structurally (checked against ``requires_grad``);
+- :meth:`arm_identity`: what the checkpoint records beside the LLM identity, checked on load for ``IDENTITY_KEYS``;
+- optionally :meth:`injecting_batch` (eval-time conditioning), :meth:`lm_hidden_states` and ``generate_tokens``.
+
+It holds the loss (:mod:`xrec_pl.models.lm_loss`), the train/val/test steps (token-level mean cross-entropy over the
+whole split, all ranks), the optimizer, the modes (the LLM always in eval mode) and the trainable-only checkpoints.
+The hparams it reads: ``lr``, ``weight_decay``, ``optimizer``, ``warmup_steps``, ``gradient_checkpointing`` and the
+generation settings (:class:`~xrec_pl.lit.generation.GenerationMixin`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from xrec_pl.data.prompts import IGNORE_INDEX
+from xrec_pl.lit.checkpoint import load_validated, save_trainable
+from xrec_pl.lit.generation import GenerationMixin
+from xrec_pl.lit.optim import adam_with_warmup
+from xrec_pl.models.llm import get_llm_info, load_frozen_llm, set_layer_checkpointing
+from xrec_pl.models.lm_loss import decoder_hidden_states, token_nll
+
+__all__ = ["FrozenLMModule"]
+
+
+class FrozenLMModule(GenerationMixin, pl.LightningModule):
+    """Base of the stage-2 LightningModules: frozen LLM, loss, steps, optimizer, trainable-only checkpoints."""
+
+    IDENTITY_KEYS: tuple[str, ...] = ()  # keys of arm_identity() checked on load
+
+    def init_frozen_llm(
+        self,
+        llm: str,
+        llm_dtype: str,
+        seed: int,
+        quantization: str | None = None,
+        extra_tokens: list[str] | None = None,
+        decoding: tuple[Any, ...] = ("greedy", None, None, None, None, None, None),
+    ) -> None:
+        """Load the frozen LLM and tokenizer (new token rows seeded by ``seed``), its identity and decoding settings.
+
+        ``decoding`` = ``(generation_defaults, do_sample, temperature, top_p, top_k, repetition_penalty,
+        no_repeat_ngram_size)``, as :meth:`~xrec_pl.lit.generation.GenerationMixin.resolve_decoding` takes them.
+        """
+        self.strict_loading = False  # checkpoints hold the trainable weights only; on_load_checkpoint validates them
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.llm, self.tokenizer = load_frozen_llm(
+                llm, dtype=llm_dtype, quantization=quantization, extra_tokens=tuple(extra_tokens or ())
+            )
+        self.llm.requires_grad_(False).eval()
+        self.sampling = self.resolve_decoding(*decoding)
+        self.llm_info = get_llm_info(self.llm)
+        self._predictions: list[dict[str, Any]] = []
+        self._eval_totals = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count) of the running eval epoch
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the decoder layers in backward (non-reentrant) when ``hparams.gradient_checkpointing``."""
+        if self.hparams.gradient_checkpointing:
+            self.llm.activation_checkpointing_enable({"use_reentrant": False})
+            set_layer_checkpointing(self.llm, True)
+
+    # ------------------------------------------------------------------------------------------ what subclasses give
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters, found structurally (none here)."""
+        return []
+
+    @property
+    def trains_anything(self) -> bool:
+        return bool(self.adapter_parameters())
+
+    def arm_identity(self) -> dict[str, Any]:
+        """What the checkpoint records beside the LLM identity (the keys of ``IDENTITY_KEYS`` at least)."""
+        return {}
+
+    def describe_arm(self) -> str:
+        """One line on what this arm trains, for the log."""
+        return ""
+
+    def quiet_while_generating(self) -> tuple[nn.Module | None, ...]:
+        """Modules put in eval mode while generating (no dropout, no gate noise; ``None`` skipped)."""
+        return ()
+
+    def injecting_batch(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """Context in which the LLM's forward is conditioned on this batch (nothing here)."""
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------------------------------ loss
+    def lm_loss(self, batch: dict[str, Any], reduction: str = "mean") -> Tensor:
+        """Mean (or, with ``reduction="sum"``, summed) cross-entropy over labelled tokens, LM head at those only.
+
+        Equal to the loss of ``llm(input_ids, attention_mask, labels=labels)`` (tested).
+        """
+        nll, _ = self.token_nll(batch)
+        return nll.mean() if reduction == "mean" else nll.sum()
+
+    def token_nll(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Cross-entropy of every labelled token ``(N,)`` and the batch row it belongs to ``(N,)``.
+
+        The LM head runs at the labelled positions only (with the model's logit soft-capping, if any).
+        """
+        return token_nll(self.llm, self.lm_hidden_states(batch), batch["labels"])
+
+    def lm_hidden_states(self, batch: dict[str, Any]) -> Tensor:
+        """Last hidden states ``(B, T, H)`` of the batch's tokens (subclasses may prepend virtual tokens)."""
+        return decoder_hidden_states(self.llm, batch["input_ids"], batch["attention_mask"])
+
+    # ------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        loss = self.lm_loss(batch)
+        if self._trainer is not None:
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss if self.trains_anything else None
+
+    def _eval_loss(self, batch: dict[str, Any], key: str) -> Tensor:
+        # summed over tokens here, divided by the token count of the whole split (all ranks) at the epoch end
+        with self.injecting_batch(batch):
+            total = self.lm_loss(batch, reduction="sum")
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self._eval_totals = self._eval_totals + torch.stack(
+            [total.detach().double(), total.new_tensor(tokens).double()]
+        )
+        return total / max(tokens, 1)
+
+    def _eval_end(self, key: str) -> None:
+        """Log ``key`` = token-level mean cross-entropy over the split: sums and counts all-reduced, then divided.
+
+        The same value whatever the batching or the number of ranks (each record is evaluated by one rank).
+        """
+        totals = self.trainer.strategy.reduce(self._eval_totals.to(self.device), reduce_op="sum")  # (2,)
+        if float(totals[1]) > 0:
+            self.log(key, (totals[0] / totals[1]).float(), prog_bar=True, sync_dist=False)
+        self._eval_totals = torch.zeros(2, dtype=torch.float64)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_totals = torch.zeros(2, dtype=torch.float64)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, "val/loss")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val/loss")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_totals = torch.zeros(2, dtype=torch.float64)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, "test/loss")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test/loss")
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        adapter_params = self.adapter_parameters()
+        if {id(p) for p in params} != {id(p) for p in adapter_params}:
+            raise RuntimeError("trainable parameters differ from the adapter parameters; the LLM must stay frozen")
+        n_train = sum(p.numel() for p in params)
+        n_frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        name = type(self).__name__
+        rank_zero_info(f"{name}: {n_train:,} trainable parameters, {n_frozen:,} frozen; {self.describe_arm()}")
+        if not params:
+            rank_zero_warn(
+                f"{name} ({self.describe_arm()}): nothing to train; fit only evaluates "
+                "(use validate/test/predict for this baseline)"
+            )
+            return None
+        hp = self.hparams
+        return adam_with_warmup(params, hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
+
+    # ------------------------------------------------------------------------------------------ modes
+    def train(self, mode: bool = True) -> FrozenLMModule:
+        """Set the trainable parts' mode; the LLM always stays in eval mode (layer flags aside for checkpointing)."""
+        super().train(mode)
+        self.llm.eval()
+        if self.hparams.gradient_checkpointing:
+            set_layer_checkpointing(self.llm, mode)
+        return self
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only the trainable weights (never the frozen LLM) and record what they were trained with."""
+        save_trainable(self, checkpoint, {"llm": self.llm_info.to_dict(), **self.arm_identity()})
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse checkpoints of another LLM/arm, or with missing/unexpected trainable keys (``DataError``)."""
+        where = (self._trainer.ckpt_path if self._trainer is not None else None) or "checkpoint"
+        identity = {"llm": self.llm_info.to_dict(), **self.arm_identity()}
+        load_validated(self, checkpoint, identity, self.IDENTITY_KEYS, str(where))
