@@ -158,7 +158,15 @@ class ExplainerModule(FrozenLMModule):
             seed,
             quantization,
             extra_tokens,
-            (generation_defaults, do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size),
+            generation_defaults,
+            {
+                "do_sample": do_sample,
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k,
+                "repetition_penalty": repetition_penalty,
+                "no_repeat_ngram_size": no_repeat_ngram_size,
+            },
         )
         hidden = self.llm_info.hidden_size
 

@@ -18,6 +18,7 @@ generation settings (:class:`~xrec_pl.lit.generation.GenerationMixin`).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,12 +48,14 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
         seed: int,
         quantization: str | None = None,
         extra_tokens: list[str] | None = None,
-        decoding: tuple[Any, ...] = ("greedy", None, None, None, None, None, None),
+        generation_defaults: str = "greedy",
+        decoding: Mapping[str, Any] | None = None,
     ) -> None:
         """Load the frozen LLM and tokenizer (new token rows seeded by ``seed``), its identity and decoding settings.
 
-        ``decoding`` = ``(generation_defaults, do_sample, temperature, top_p, top_k, repetition_penalty,
-        no_repeat_ngram_size)``, as :meth:`~xrec_pl.lit.generation.GenerationMixin.resolve_decoding` takes them.
+        ``decoding`` holds overrides of ``generation_defaults`` (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
+        ``repetition_penalty``, ``no_repeat_ngram_size``; ``None`` values ignored), as
+        :meth:`~xrec_pl.lit.generation.GenerationMixin.resolve_decoding` takes them.
         """
         self.strict_loading = False  # checkpoints hold the trainable weights only; on_load_checkpoint validates them
         with torch.random.fork_rng(devices=[]):
@@ -61,7 +64,7 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
                 llm, dtype=llm_dtype, quantization=quantization, extra_tokens=tuple(extra_tokens or ())
             )
         self.llm.requires_grad_(False).eval()
-        self.sampling = self.resolve_decoding(*decoding)
+        self.sampling = self.resolve_decoding(generation_defaults, decoding)
         self.llm_info = get_llm_info(self.llm)
         self._predictions: list[dict[str, Any]] = []
         self._eval_totals = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count) of the running eval epoch

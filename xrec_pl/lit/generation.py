@@ -7,6 +7,7 @@ the LLM's own ``generation_config`` (``generation_defaults="model"``, the refere
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,29 +37,9 @@ class GenerationMixin:
     ``postprocess``, ``predictions_file``), ``quiet_while_generating()`` and ``injecting_batch`` on the host.
     """
 
-    def resolve_decoding(
-        self,
-        defaults: str,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        repetition_penalty: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-    ) -> Sampling:
+    def resolve_decoding(self, defaults: str, overrides: Mapping[str, Any] | None = None) -> Sampling:
         """The decoding settings: ``defaults`` (``"greedy"`` or ``"model"``) with the given overrides; logged."""
-        sampling = resolve_sampling(
-            defaults,
-            getattr(self.llm, "generation_config", None),
-            {
-                "do_sample": do_sample,
-                "temperature": temperature,
-                "top_p": top_p,
-                "top_k": top_k,
-                "repetition_penalty": repetition_penalty,
-                "no_repeat_ngram_size": no_repeat_ngram_size,
-            },
-        )
+        sampling = resolve_sampling(defaults, getattr(self.llm, "generation_config", None), overrides)
         if not sampling.is_greedy:
             rank_zero_info(f"{type(self).__name__}: decoding with {sampling}")
         return sampling
