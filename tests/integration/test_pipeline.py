@@ -48,6 +48,10 @@ def test_pipeline_end_to_end_and_resume(tmp_path, repo_root):
     rows = [json.loads(line) for line in (out / "stage2/predictions.jsonl").read_text().splitlines()]
     assert {"uid", "iid", "prediction", "reference"} <= set(rows[0])
     assert "generated:" in result.stdout and "reference:" in result.stdout
+    timings = json.loads((out / "timings.json").read_text())
+    for phase in ("stage1_setup_s", "stage1_train_s", "stage2_setup_s", "stage2_train_s", "stage2_predict_s"):
+        assert 0 < timings[phase] < timings["total_s"], phase
+    assert "time per phase" in result.stdout and "stage 2 generation (test split)" in result.stdout
 
     # a second call finds every step finished: nothing is retrained or overwritten
     before = (out / "stage2/checkpoints/last.ckpt").stat().st_mtime_ns

@@ -87,3 +87,26 @@ def test_random_7b_dimensions_and_peak_table():
     assert stage2_common.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert stage2_common.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert stage2_common.peak_flops("cpu") is None
+
+
+def test_bench_with_bf16_weights_keeps_an_fp32_reference(synthetic_dir):
+    """``llm_dtype="bfloat16"``: ours trains and generates on a bf16 copy, the reference side stays fp32."""
+    result = stage2.run_stage2_bench(
+        synthetic_dir,
+        parts=("stage2", "generation"),
+        quick=True,
+        llm="random-tiny",
+        repeats=1,
+        train_records=4,
+        gen_records=2,
+        batch_size=2,
+        gen_batch_size=2,
+        max_new_tokens=4,
+        llm_dtype="bfloat16",
+        memory=False,
+        device="cpu",
+    )
+    machine = result["stage2"]["machine"]
+    assert (machine["ours_llm_dtype"], machine["reference_llm_dtype"]) == ("torch.bfloat16", "torch.float32")
+    assert result["stage2"]["ours_samples_per_s"] > 0 and result["generation"]["ours_new_tokens_per_s"] > 0
+    assert result["generation"]["texts_equal"] + result["generation"]["texts_differ"] == 2

@@ -287,3 +287,16 @@ def test_registered_llm_is_loaded_like_any_other_only_inside_its_block():
             pass
     with pytest.raises(LLMLoadError):
         load_frozen_llm("my-test-llm")
+
+
+def test_cpu_bf16_detection_reads_the_flags(tmp_path):
+    from xrec_pl.models.llm import cpu_has_native_bf16
+
+    with_bf16, without, odd = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n")
+    without.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n")
+    odd.write_text("Processor\t: ARMv8\nFeatures\t: fp asimd\n")  # no x86 flags line: unknown
+    assert cpu_has_native_bf16(str(with_bf16)) is True
+    assert cpu_has_native_bf16(str(without)) is False
+    assert cpu_has_native_bf16(str(odd)) is None
+    assert cpu_has_native_bf16(str(tmp_path / "missing")) is None

@@ -25,3 +25,14 @@ def test_failed_write_leaves_the_previous_file(tmp_path):
         raise RuntimeError("crash while writing")
     assert target.read_text().strip().startswith("{") and '"a": 1' in target.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_phase_table_lists_the_phases_run_with_their_share():
+    from xrec_pl.tools.pipeline import phase_table
+
+    table = phase_table({"stage1_train_s": 30.0, "stage2_predict_s": 10.0, "evaluate_s": 10.0, "total_s": 50.0})
+    lines = table.splitlines()
+    assert lines[0] == "[xrec-pl] time per phase:"
+    assert any("stage 1 training" in ln and "30.0 s" in ln and "60.0 %" in ln for ln in lines)
+    assert not any("stage 2 training" in ln for ln in lines)  # phases not run are not listed
+    assert lines[-1].split()[-2:] == ["50.0", "s"]

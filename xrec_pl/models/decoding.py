@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xrec_pl.models.kv_cache import preallocated_cache
+
 
 @torch.no_grad()
 def greedy_generate(
@@ -72,13 +74,11 @@ def greedy_generate(
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    from transformers import DynamicCache
-
     prompt = input_ids if input_ids is not None else inputs_embeds
     batch, device = prompt.shape[0], prompt.device
     mask = attention_mask.to(device=device, dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts nothing
-    cache = DynamicCache(config=llm.config)
+    cache = preallocated_cache(llm.config, prompt.shape[1] + max_new_tokens)  # written in place, no per-step copy
     cache_kw = _cache_keyword(llm)
     out = llm(
         input_ids=input_ids,

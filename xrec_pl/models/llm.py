@@ -144,6 +144,8 @@ def load_frozen_llm(
     quant_kwargs = quantization_kwargs(quantization, torch_dtype)
     if name_or_path in _REGISTERED:
         model, tokenizer, source = _REGISTERED[name_or_path]()
+        if str(dtype).lower() != "auto":  # an explicit dtype wins over the builder's own
+            model = model.to(torch_dtype)
     elif name_or_path in ("tiny-random", "tiny-random-gqa"):
         if gguf_file or quantization:
             raise LLMLoadError(f"{name_or_path!r} takes no gguf_file or quantization")
@@ -161,6 +163,11 @@ def load_frozen_llm(
     else:
         model, tokenizer, source = load_pretrained(name_or_path, gguf_file, torch_dtype, quant_kwargs)
 
+    if torch_dtype == torch.bfloat16 and model.device.type == "cpu" and cpu_has_native_bf16() is False:
+        log.warning(
+            "llm_dtype=bfloat16 on a CPU without avx512_bf16/amx_bf16: bf16 is emulated there and usually slower "
+            "than float32 (set model.llm_dtype=float32)"
+        )
     added = add_reserved_tokens(model, tokenizer, extra_tokens=tuple(extra_tokens))
     model.requires_grad_(False)
     model.eval()
@@ -195,6 +202,23 @@ def get_llm_info(model: PreTrainedModel) -> LLMInfo:
     if info is None:
         raise ValueError("this model was not loaded with xrec_pl.models.llm.load_frozen_llm (no LLMInfo for it)")
     return info
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this x86 CPU has bf16 instructions (``avx512_bf16`` or ``amx_bf16``); ``None`` when unknown.
+
+    On such a CPU a frozen LLM held in bf16 runs its matrix products about twice as fast as in fp32 (docs/
+    PERFORMANCE.md); without them bf16 is emulated.
+    """
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        return None
+    return None
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

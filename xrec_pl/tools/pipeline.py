@@ -50,6 +50,30 @@ def _best_or_none(trainer: Any) -> str | None:
     return path or None
 
 
+class _PhaseClock:
+    """Wall time spent in validation loops during ``fit`` (loss, generated samples, their scores)."""
+
+    def __init__(self) -> None:
+        self.validation_s = 0.0
+        self._start: float | None = None
+
+    def callback(self) -> Any:
+        import lightning.pytorch as pl
+
+        clock = self
+
+        class PhaseClock(pl.Callback):
+            def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+                clock._start = time.perf_counter()
+
+            def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+                if clock._start is not None:
+                    clock.validation_s += time.perf_counter() - clock._start
+                    clock._start = None
+
+        return PhaseClock()
+
+
 def run_stage(
     config: str,
     run_dir: Path,
@@ -59,9 +83,18 @@ def run_stage(
     fit: bool = True,
     test: bool = True,
     predict: bool = False,
+    timings: dict[str, float] | None = None,
+    name: str = "stage",
 ) -> Any:
-    """Run one stage through the project's LightningCLI objects: fit (resuming a ``last.ckpt``), test, predict."""
+    """Run one stage through the project's LightningCLI objects: fit (resuming a ``last.ckpt``), test, predict.
+
+    ``timings`` (when given) receives ``{name}_{phase}_s`` for the phases ``setup`` (parsing, model and LLM load),
+    ``train`` (fit without its validation loops), ``validation``, ``test`` and ``predict``.
+    """
     from xrec_pl.tools.stage_cli import XrecCLI
+
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
 
     args = [
         "--config",
@@ -73,16 +106,28 @@ def run_stage(
     ]
     cli = XrecCLI(args=args, run=False)
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    times["setup"] = time.perf_counter() - t0
     if fit:
         resume = _last_ckpt(run_dir)
         if resume:
             _write(f"[xrec-pl] {run_dir}: resuming from {resume}")
+        clock = _PhaseClock()
+        trainer.callbacks.append(clock.callback())
+        t0 = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        times["train"] = time.perf_counter() - t0 - clock.validation_s
+        times["validation"] = clock.validation_s
     best = _best_or_none(trainer) if fit else None
     if test:
+        t0 = time.perf_counter()
         trainer.test(model, datamodule=datamodule, ckpt_path=best)
+        times["test"] = time.perf_counter() - t0
     if predict:
+        t0 = time.perf_counter()
         trainer.predict(model, datamodule=datamodule, ckpt_path=best, return_predictions=False)
+        times["predict"] = time.perf_counter() - t0
+    if timings is not None:
+        timings.update({f"{name}_{phase}_s": seconds for phase, seconds in times.items()})
     return cli
 
 
@@ -146,7 +191,9 @@ def pipeline(
             "stage1",
             "LightGCN",
             emb_path,
-            lambda: run_stage(stage1_config, stage1_dir, data, list(stage1_args or []), seed),
+            lambda: run_stage(
+                stage1_config, stage1_dir, data, list(stage1_args or []), seed, timings=timings, name="stage1"
+            ),
             timings,
         )
     else:
@@ -158,7 +205,18 @@ def pipeline(
         "stage2",
         "explainer",
         predictions,
-        lambda: run_stage(stage2_config, stage2_dir, data, overrides, seed, fit=train_stage2, test=False, predict=True),
+        lambda: run_stage(
+            stage2_config,
+            stage2_dir,
+            data,
+            overrides,
+            seed,
+            fit=train_stage2,
+            test=False,
+            predict=True,
+            timings=timings,
+            name="stage2",
+        ),
         timings,
     )
 
@@ -183,7 +241,33 @@ def pipeline(
     previous = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     dump_json(timings_path, {**previous, **timings})
     _report(result, predictions, show)
+    _write(phase_table(timings))
     return result
+
+
+_PHASES = (
+    ("make_synthetic_s", "synthetic data"),
+    ("stage1_setup_s", "stage 1 setup (config, data)"),
+    ("stage1_train_s", "stage 1 training"),
+    ("stage1_validation_s", "stage 1 validation (Recall/NDCG)"),
+    ("stage1_test_s", "stage 1 test and embedding export"),
+    ("stage2_setup_s", "stage 2 setup (config, LLM load)"),
+    ("stage2_train_s", "stage 2 training"),
+    ("stage2_validation_s", "stage 2 validation (loss, generated samples)"),
+    ("stage2_predict_s", "stage 2 generation (test split)"),
+    ("evaluate_s", "scoring (BERTScore, USR, community)"),
+)
+
+
+def phase_table(timings: dict[str, float]) -> str:
+    """The wall time of each pipeline phase this run went through, and its share of the total."""
+    total = timings.get("total_s") or sum(v for k, v in timings.items() if k != "total_s") or 1.0
+    lines = ["[xrec-pl] time per phase:"]
+    for key, label in _PHASES:
+        if key in timings:
+            lines.append(f"  {label:46s} {timings[key]:8.1f} s  {100 * timings[key] / total:5.1f} %")
+    lines.append(f"  {'total':46s} {total:8.1f} s")
+    return "\n".join(lines)
 
 
 def _unless_done(step: str, what: str, output: Path, run: Any, timings: dict[str, float]) -> None:

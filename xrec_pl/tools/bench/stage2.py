@@ -51,6 +51,7 @@ from xrec_pl.tools.bench.stage2_common import (
     peak_rss_mb,
     proc_status_kb,
     reset_peak_rss,
+    twin_in_dtype,
 )
 from xrec_pl.tools.bench.stage2_parts import bench_ablation, bench_generation, bench_training
 from xrec_pl.tools.bench.stage2_reference import reference_generate, reference_train
@@ -62,7 +63,8 @@ __all__ = ["PEAK_FLOPS", "run_stage2_bench"]
 # peak memory, one fresh subprocess per side
 def _memory_child(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
-    module, dm = build(args.llm, Path(args.data_dir), device, args.seed, args.batch_size)
+    dtype = args.llm_dtype if args.memory_side == "ours" else "auto"
+    module, dm = build(args.llm, Path(args.data_dir), device, args.seed, args.batch_size, dtype)
     rows, records = _pick(dm, "trn", args.batch_size * args.steps, args.seed)
     if device != "cpu":
         torch.cuda.reset_peak_memory_stats()
@@ -95,7 +97,17 @@ def _bench_memory(data_dir: Path, opts: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"measured": "fresh subprocess per side; peak RSS = VmHWM (reset between phases)"}
     for side in ("reference", "ours"):
         cmd = [sys.executable, "-m", "xrec_pl.tools.bench.stage2", str(data_dir), "--memory-side", side]
-        for key in ("llm", "device", "precision", "threads", "batch_size", "gen_batch_size", "max_new_tokens", "seed"):
+        for key in (
+            "llm",
+            "device",
+            "precision",
+            "llm_dtype",
+            "threads",
+            "batch_size",
+            "gen_batch_size",
+            "max_new_tokens",
+            "seed",
+        ):
             if opts.get(key) is not None:
                 cmd += [f"--{key.replace('_', '-')}", str(opts[key])]
         cmd += ["--steps", str(opts["memory_steps"])]
@@ -131,6 +143,7 @@ def run_stage2_bench(
     gen_batch_size: int = 16,
     max_new_tokens: int = 128,
     precision: str = "32-true",
+    llm_dtype: str = "auto",
     memory: bool = True,
     device: str = "auto",
     seed: int = 0,
@@ -152,6 +165,9 @@ def run_stage2_bench(
         gen_batch_size: our generation batch size (the reference's is 1).
         max_new_tokens: generation budget (XRec: 128).
         precision: our Trainer's precision (``"32-true"``, ``"bf16-mixed"``); the reference runs in the LLM dtype.
+        llm_dtype: the dtype of *our* frozen LLM (``"auto"``: fp32 on CPU, bf16 on CUDA; ``"bfloat16"``: bf16
+            weights, fp32 adapters). The reference side keeps ``"auto"`` (a second copy of the LLM when they
+            differ; same adapters and embedding tables).
         memory: measure peak memory in one fresh subprocess per side.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         seed: seed of the record choice, the adapters and the random embeddings.
@@ -175,6 +191,7 @@ def run_stage2_bench(
         "device": device,
         "repeats": repeats,
         "precision": precision,
+        "llm_dtype": llm_dtype,
         "gen_batch_size": gen_batch_size,
         "max_new_tokens": max_new_tokens,
         "threads": threads,
@@ -184,19 +201,22 @@ def run_stage2_bench(
     }
     header = {**machine_header(), "load_before": load_note(), "llm": llm, "quick": quick}
     torch.manual_seed(seed)
-    module, dm = build(llm, Path(data_dir), device, seed, batch_size)
+    reference, dm = build(llm, Path(data_dir), device, seed, batch_size)
+    module = reference if llm_dtype == "auto" else twin_in_dtype(reference, llm, device, seed, llm_dtype)
+    header["ours_llm_dtype"] = str(next(module.llm.parameters()).dtype)
+    header["reference_llm_dtype"] = str(next(reference.llm.parameters()).dtype)
     results: dict[str, Any] = {}
     if "stage2" in parts:
         rows, records = _pick(dm, "trn", train_records, seed)
         # the DataModule's own seeded subset choice must pick the same rows: hand it exactly these
         dm.use_rows("trn", rows)
-        results["stage2"] = {**bench_training(module, dm, records, rows, opts), "machine": header}
+        results["stage2"] = {**bench_training(module, dm, records, rows, opts, reference), "machine": header}
     if "ablation" in parts:
         rows, records = _pick(dm, "trn", max(train_records, 4 * batch_size), seed + 1)
         results["ablation"] = {**bench_ablation(module, dm, records, opts), "machine": header}
     if "generation" in parts:
         rows, records = _pick(dm, "tst", gen_records, seed)
-        results["generation"] = {**bench_generation(module, dm, records, rows, opts), "machine": header}
+        results["generation"] = {**bench_generation(module, dm, records, rows, opts, reference), "machine": header}
     if memory:
         results["memory"] = {**_bench_memory(Path(data_dir), opts), "machine": header}
     for part in results.values():
@@ -283,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gen-batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--llm-dtype", default="auto", help="our LLM's dtype (auto | bfloat16 | float32)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true")
@@ -311,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         gen_batch_size=args.gen_batch_size,
         max_new_tokens=args.max_new_tokens,
         precision=args.precision,
+        llm_dtype=args.llm_dtype,
         memory=not args.no_memory,
         device=args.device,
         seed=args.seed,

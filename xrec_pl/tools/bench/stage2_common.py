@@ -104,7 +104,7 @@ def _llm_loader(llm: str, device: str) -> contextlib.AbstractContextManager:
     return registered_llm(llm, lambda: _random_llm(llm, device))
 
 
-def build(llm: str, data_dir: Path, device: str, seed: int, batch_size: int):
+def build(llm: str, data_dir: Path, device: str, seed: int, batch_size: int, llm_dtype: str = "auto"):
     from data_modules.explanations import ExplanationDataModule
     from xrec_pl.data.io import read_para_dict
     from xrec_pl.lit.explainer import ExplainerModule
@@ -113,6 +113,7 @@ def build(llm: str, data_dir: Path, device: str, seed: int, batch_size: int):
     with _llm_loader(llm, device):
         module = ExplainerModule(
             llm=llm,
+            llm_dtype=llm_dtype,
             embedding_source="random",
             num_users=int(para["user_num"]),
             num_items=int(para["item_num"]),
@@ -124,6 +125,27 @@ def build(llm: str, data_dir: Path, device: str, seed: int, batch_size: int):
     dm = ExplanationDataModule(str(data_dir), batch_size=batch_size, seed=seed, tokenizer=module.tokenizer)
     dm.setup("predict")  # builds the prompt builder (no split read yet)
     return module, dm
+
+
+def twin_in_dtype(module, llm: str, device: str, seed: int, llm_dtype: str):
+    """The same explainer (same adapters and embedding tables) over a second copy of the LLM in ``llm_dtype``."""
+    from xrec_pl.lit.explainer import ExplainerModule
+
+    hp = module.hparams
+    with _llm_loader(llm, device):
+        twin = ExplainerModule(
+            llm=llm,
+            llm_dtype=llm_dtype,
+            embedding_source="random",
+            num_users=hp.num_users,
+            num_items=hp.num_items,
+            optimizer="adam",
+            lr=hp.lr,
+            seed=seed,
+        )
+    for name in ("user_adapter", "item_adapter"):  # the embedding tables are drawn from the same seed
+        getattr(twin, name).load_state_dict(getattr(module, name).state_dict())
+    return twin.to(device)
 
 
 def count_params(llm: nn.Module) -> int:

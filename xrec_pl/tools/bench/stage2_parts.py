@@ -27,26 +27,28 @@ from xrec_pl.tools.bench.stage2_reference import reference_generate, reference_t
 
 
 # --------------------------------------------------------------------------------------------------------------------
-def bench_training(module, dm, records, rows, opts: dict[str, Any]) -> dict[str, Any]:
+def bench_training(module, dm, records, rows, opts: dict[str, Any], reference=None) -> dict[str, Any]:
+    """Our ``module`` under a Trainer vs the reference-style loop over ``reference`` (default: the same module)."""
     device, repeats = opts["device"], opts["repeats"]
+    reference = module if reference is None else reference
     builder = dm.builder
     encs = [builder.encode_train(r) for r in records]
     target_tokens = sum(sum(1 for x in e["labels"][1:] if x != -100) for e in encs)
     seq_tokens = sum(len(e["input_ids"]) for e in encs)
 
-    ref_adapters = [copy.deepcopy(module.user_adapter).train(), copy.deepcopy(module.item_adapter).train()]
+    ref_adapters = [copy.deepcopy(reference.user_adapter).train(), copy.deepcopy(reference.item_adapter).train()]
     ref_opt = torch.optim.Adam([p for a in ref_adapters for p in a.parameters()], lr=1e-4)
     t = time.perf_counter()
     dm.setup("fit")  # ours: tokenise once (trn subset + val) -- a one-off, reported, not in the step time
     tokenize_s = time.perf_counter() - t
 
     # warm-up: one reference record, one step of ours
-    reference_train(module, builder, records[:1], ref_adapters, ref_opt, device)
+    reference_train(reference, builder, records[:1], ref_adapters, ref_opt, device)
     fit_ours(module, dm, device, opts["precision"], max_steps=1)
     runs = []
     for r in range(repeats):
         t = time.perf_counter()
-        reference_train(module, builder, records, ref_adapters, ref_opt, device)
+        reference_train(reference, builder, records, ref_adapters, ref_opt, device)
         if device != "cpu":
             torch.cuda.synchronize()
         ref_s = time.perf_counter() - t
@@ -178,18 +180,20 @@ def _mfu(llm: nn.Module, flops_per_param: float, ref_s: float, ours_s: float) ->
     }
 
 
-def bench_generation(module, dm, records, rows, opts: dict[str, Any]) -> dict[str, Any]:
+def bench_generation(module, dm, records, rows, opts: dict[str, Any], reference=None) -> dict[str, Any]:
+    """Our batched generation with ``module`` vs one-at-a-time ``generate`` with ``reference`` (default: the same)."""
     device, bs, max_new = opts["device"], opts["gen_batch_size"], opts["max_new_tokens"]
+    reference = module if reference is None else reference
     stops = set(module.stop_ids())
     builder = dm.builder
     prompt_tokens = sum(len(builder.encode_prompt(r)["input_ids"]) for r in records)
-    reference_generate(module, builder, records[:1], max_new, device)  # warm-up
+    reference_generate(reference, builder, records[:1], max_new, device)  # warm-up
     generate_ours(module, dm, rows[:2], bs, max_new, opts["precision"])
     chunks, ref_ids, ours_ids = [], {}, {}
     for start in range(0, len(rows), bs):
         part_rows, part_recs = rows[start : start + bs], records[start : start + bs]
         t = time.perf_counter()
-        got = reference_generate(module, builder, part_recs, max_new, device)
+        got = reference_generate(reference, builder, part_recs, max_new, device)
         ref_s = time.perf_counter() - t
         ref_ids.update(zip(part_rows, got))
         t = time.perf_counter()
