@@ -85,6 +85,8 @@ def evaluate(
     device: str | None = None,
     records: str | None = None,
     judge_prompt: str = "default",
+    against: str | None = None,
+    against_references: str | None = None,
 ) -> dict:
     """Score a prediction file against its references and print one JSON object.
 
@@ -104,10 +106,13 @@ def evaluate(
         records: Score only the pairs whose reference belongs to this XRec split file (e.g. ``tst.pkl``), matched
             by reference text — how the reference's shuffled released predictions are paired with a split.
         judge_prompt: ``default`` or ``xrec`` (XRec's GPTScore system prompt and JSON message) for ``llm_judge``.
+        against: Another system's predictions (JSONL or pickled list, any order): score both and test the paired
+            difference (ours - theirs) per metric, pairing by reference text (e.g. XRec's released ``tst_pred.pkl``).
+        against_references: References of ``against`` when they are not inside it (the release's ``tst_ref.pkl``).
     """
     import json
 
-    from xrec_pl.tools.evaluate import evaluate_files
+    from xrec_pl.tools.evaluate import compare_against, evaluate_files
 
     chosen = [m.lower().replace("-", "_") for m in (metrics or ["usr", "bertscore"])]
     options: dict[str, Any] = {
@@ -122,7 +127,12 @@ def evaluate(
     }
     if batch_size is not None:
         options.update({f"{m}_batch_size": batch_size for m in chosen if m != "usr"})
-    result = evaluate_files(predictions, references, metrics=chosen, output=output, records=records, **options)
+    if against is not None:
+        result = compare_against(
+            predictions, against, references, against_references, chosen, output, records, **options
+        )
+    else:
+        result = evaluate_files(predictions, references, metrics=chosen, output=output, records=records, **options)
     sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
 

@@ -10,7 +10,14 @@ import pytest
 
 from tests.unit.test_metrics import FakeScorer
 from xrec_pl.errors import DataError
-from xrec_pl.tools.evaluate import compare_files, evaluate, evaluate_files, load_texts, split_metric_kwargs
+from xrec_pl.tools.evaluate import (
+    compare_against,
+    compare_files,
+    evaluate,
+    evaluate_files,
+    load_texts,
+    split_metric_kwargs,
+)
 
 PREDS = ["the book is fun", "a dark thriller", "romance and drama", "cooking at home"]
 REFS = ["a fun book", "a thriller, dark", "drama with romance", "home cooking"]
@@ -158,3 +165,26 @@ def test_compare_files_refuses_unpaired_systems(tmp_path):
     b = _jsonl(tmp_path / "b.jsonl", PREDS, [*REFS[:3], "another reference"])
     with pytest.raises(DataError, match=r"b\.jsonl: its references differ"):
         compare_files(a, b, metrics=("usr",))
+
+
+def test_compare_against_pairs_a_shuffled_release_by_reference_text(tmp_path):
+    """The other system's pairs come in another order (pickled lists, as XRec's release): paired by reference."""
+    ours = _jsonl(tmp_path / "ours.jsonl", PREDS, REFS)
+    order = [2, 0, 3, 1]
+    theirs, their_refs = tmp_path / "pred.pkl", tmp_path / "ref.pkl"
+    theirs.write_bytes(pickle.dumps([["x", "y", "z", "w"][i] for i in order]))
+    their_refs.write_bytes(pickle.dumps([REFS[i] for i in order]))
+    out = compare_against(ours, theirs, against_references=their_refs, metrics=("bertscore",), n_resamples=200, **FAKE)
+    same_order = compare_files(ours, _jsonl(tmp_path / "b.jsonl", ["x", "y", "z", "w"], REFS), n_resamples=200, **FAKE)
+    assert out["tests"]["bertscore_f1"]["mean_diff"] == pytest.approx(same_order["tests"]["bertscore_f1"]["mean_diff"])
+    assert out["n"] == 4
+
+
+def test_compare_against_names_the_file_missing_a_reference(tmp_path):
+    ours = _jsonl(tmp_path / "ours.jsonl", PREDS, REFS)
+    theirs = _jsonl(tmp_path / "theirs.jsonl", PREDS[:3], REFS[:3])
+    with pytest.raises(DataError, match=r"theirs\.jsonl: 1 of the 4 references have no prediction there"):
+        compare_against(ours, theirs, metrics=("usr",))
+    twice = _jsonl(tmp_path / "twice.jsonl", PREDS, [REFS[0], *REFS[:3]])
+    with pytest.raises(DataError, match=r"twice\.jsonl: the reference .* appears twice"):
+        compare_against(ours, twice, metrics=("usr",))
