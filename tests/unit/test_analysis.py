@@ -251,3 +251,30 @@ def test_cli_analyze_writes_into_the_run_folder(runs, capsys):
     assert summary["n"] == 6 and summary["embedding_source"] == "random"
     assert main(["analyze", "--run", str(runs["random"]), "--parts", "[telepathy]"]) == 2
     assert "unknown part" in capsys.readouterr().err
+
+
+class _Exploit:
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("parts", [["swap"], ["buckets"]])
+def test_analyze_never_runs_code_from_a_planted_checkpoint(tmp_path, capsys, parts):
+    """A run folder shared by someone else: ``analyze --run`` reads its checkpoint weights-only (exit 2, one line)."""
+    import pickle
+
+    from xrec_pl.cli import main
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(pickle.dumps({"hyper_parameters": {"embedding_source": "graph"}, "x": _Exploit(marker)}))
+    assert main(["analyze", "--run", str(tmp_path / "run"), "--parts", json.dumps(parts)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not marker.exists()
+    assert len(err) == 1 and "last.ckpt" in err[0] and "Traceback" not in err[0]

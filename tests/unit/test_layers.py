@@ -292,3 +292,28 @@ def test_checker_passes_a_clean_graph():
     assert find_cycles(clean.edges) == []
     assert upward_imports(clean.edges, {"pkg": 0, "pkg.low": 1, "pkg.high": 2}) == []
     assert clean.private == []
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def test_every_torch_load_is_weights_only():
+    """No ``torch.load`` in the shipped code without a literal ``weights_only=True`` (checkpoints are untrusted), and
+    no Lightning ``load_from_checkpoint`` (it unpickles with its own defaults; use safe_torch_load + load_validated)."""
+    sources, _ = project_sources()
+    offenders = []
+    for module, text in sources.items():
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.Call):
+                continue
+            name = _dotted(node.func)
+            if name == "torch.load":
+                flag = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
+                if not (isinstance(flag, ast.Constant) and flag.value is True):
+                    offenders.append(f"{module}:{node.lineno} torch.load without weights_only=True")
+            elif name.endswith("load_from_checkpoint"):
+                offenders.append(f"{module}:{node.lineno} {name}")
+    assert not offenders, offenders
