@@ -300,6 +300,18 @@ def _dotted(node: ast.AST) -> str:
     return node.id if isinstance(node, ast.Name) else ""
 
 
+# loaders that run code from the file they read; the project's restricted unpickler (xrec_pl.data.pickles) is the one
+# way in for pickles, safe_torch_load for checkpoints
+UNSAFE_LOADERS = (
+    "pickle.load",
+    "pickle.loads",
+    "pd.read_pickle",
+    "pandas.read_pickle",
+    "yaml.load",
+    "yaml.unsafe_load",
+)
+
+
 def test_every_torch_load_is_weights_only():
     """No ``torch.load`` in the shipped code without a literal ``weights_only=True`` (checkpoints are untrusted), and
     no Lightning ``load_from_checkpoint`` (it unpickles with its own defaults; use safe_torch_load + load_validated)."""
@@ -314,6 +326,8 @@ def test_every_torch_load_is_weights_only():
                 flag = next((k.value for k in node.keywords if k.arg == "weights_only"), None)
                 if not (isinstance(flag, ast.Constant) and flag.value is True):
                     offenders.append(f"{module}:{node.lineno} torch.load without weights_only=True")
-            elif name.endswith("load_from_checkpoint"):
+            elif name.endswith("load_from_checkpoint") or name in UNSAFE_LOADERS:
                 offenders.append(f"{module}:{node.lineno} {name}")
+            if any(k.arg == "trust_remote_code" and getattr(k.value, "value", False) is True for k in node.keywords):
+                offenders.append(f"{module}:{node.lineno} trust_remote_code=True")
     assert not offenders, offenders
