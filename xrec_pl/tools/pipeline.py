@@ -55,7 +55,7 @@ class _PhaseClock:
 
     def __init__(self) -> None:
         self.validation_s = 0.0
-        self._start: float | None = None
+        self.started: float | None = None
 
     def callback(self) -> Any:
         import lightning.pytorch as pl
@@ -64,12 +64,12 @@ class _PhaseClock:
 
         class PhaseClock(pl.Callback):
             def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-                clock._start = time.perf_counter()
+                clock.started = time.perf_counter()
 
             def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-                if clock._start is not None:
-                    clock.validation_s += time.perf_counter() - clock._start
-                    clock._start = None
+                if clock.started is not None:
+                    clock.validation_s += time.perf_counter() - clock.started
+                    clock.started = None
 
         return PhaseClock()
 
