@@ -23,7 +23,7 @@ from xrec_pl.errors import CLI_ERRORS, ConfigError
 from xrec_pl.tools.stage_cli import XrecCLI, offline_defaults
 
 STAGE_COMMANDS = ("fit", "validate", "test", "predict")
-TOOL_COMMANDS = ("pipeline", "evaluate", "make-synthetic", "convert", "bench", "experiment", "analyze")
+TOOL_COMMANDS = ("pipeline", "evaluate", "make-synthetic", "convert", "bench", "experiment", "analyze", "hardware")
 
 
 # ----------------------------------------------------------------------------------------------------- tool commands
@@ -141,6 +141,7 @@ def _tool_functions() -> dict[str, Any]:
     from xrec_pl.tools.analysis import analyze
     from xrec_pl.tools.bench import bench
     from xrec_pl.tools.experiment import experiment
+    from xrec_pl.tools.hardware import hardware
     from xrec_pl.tools.pipeline import pipeline
 
     return {
@@ -151,6 +152,7 @@ def _tool_functions() -> dict[str, Any]:
         "bench": bench,
         "experiment": experiment,
         "analyze": analyze,
+        "hardware": hardware,
     }
 
 
@@ -167,6 +169,7 @@ Tools:
   bench           benchmarks against reference-style implementations
   experiment      run an ablation suite over seeds and write a report
   analyze         embedding-swap test, soft-prompt analysis, outlier buckets of a trained stage-2 run
+  hardware        computed GPU memory / host RAM table for Llama-2-7B, Llama-3-8B, SmolLM2 (no download)
 
 `xrec-pl COMMAND --help` shows every option of a command.
 """
