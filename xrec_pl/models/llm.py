@@ -11,7 +11,8 @@ Three kinds of names are accepted by :func:`load_frozen_llm`:
   milliseconds. Deterministic; for tests.
 - anything else: a Hugging Face model id or local directory (or a ``.gguf`` file path), loaded with
   ``AutoModelForCausalLM.from_pretrained``; ``local_files_only`` is set when ``HF_HUB_OFFLINE`` /
-  ``TRANSFORMERS_OFFLINE`` is on.
+  ``TRANSFORMERS_OFFLINE`` is on. With CUDA it loads straight onto the rank's GPU in its dtype (``device_map``;
+  no copy of the model in host RAM per rank); without CUDA it is built in host RAM.
 
 Every loaded model gets the reserved tokens ``<USER_EMBED>`` and ``<ITEM_EMBED>`` and, where the tokenizer has no
 pad token or pads with its EOS token, a dedicated ``<|pad|>`` token (see :func:`add_reserved_tokens` for why).
@@ -125,7 +126,7 @@ def load_frozen_llm(
             ``"float32"``, ``"bfloat16"``, ``"float16"``.
         gguf_file: GGUF file name inside ``name_or_path`` (hub repo or directory), passed to ``from_pretrained``.
         quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes; needs CUDA). The model is then placed on
-            the current CUDA device. ``"auto"``: 8-bit where bitsandbytes and CUDA exist, else none (the ``dtype``
+            this rank's CUDA device (``llm_loading.rank_device``). ``"auto"``: 8-bit where bitsandbytes and CUDA exist, else none (the ``dtype``
             applies); the choice is logged (see :func:`resolve_quantization`).
         extra_tokens: further reserved tokens (the reference recipe's ``<EXPLAIN_POS>``); when given, the reserved
             tokens are added *before* the pad token, in the reference's order, so the new ids match its ids.

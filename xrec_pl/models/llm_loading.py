@@ -56,7 +56,36 @@ def quantization_kwargs(quantization: str | None, torch_dtype: torch.dtype) -> d
     else:
         compute = torch_dtype if torch_dtype != torch.float32 else torch.bfloat16
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
-    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+    return {"quantization_config": config}  # load_pretrained places it on the rank's GPU (rank_device)
+
+
+def rank_device() -> torch.device | None:
+    """The CUDA device of this process's rank, where a hub/local LLM is loaded; ``None`` without CUDA (CPU path).
+
+    The local rank is ``LOCAL_RANK`` (torchrun, Lightning's DDP launcher in the processes it starts), else
+    ``SLURM_LOCALID`` (srun), else 0 (the first process, before the launcher starts the others); taken modulo the
+    visible GPUs (a SLURM task that sees only its own GPU gets ``cuda:0``). The model is built in the
+    LightningModule's ``__init__``, before the strategy sets each process's device, so ``torch.cuda.current_device()``
+    would be 0 on every rank.
+    """
+    if not torch.cuda.is_available():
+        return None
+    local = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"
+    try:
+        index = int(local)
+    except ValueError:
+        index = 0
+    return torch.device("cuda", index % max(1, torch.cuda.device_count()))
+
+
+def placement_kwargs(device: torch.device | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load every tensor straight onto ``device`` in the requested dtype.
+
+    transformers 5 reads the safetensors shards through mmap and copies them tensor by tensor to ``device``, so a
+    rank's own host memory stays near a few tensors instead of the whole model (see ``xrec-pl hardware``);
+    ``None`` (no CUDA): nothing is added and the model is built in host RAM, as before.
+    """
+    return {} if device is None else {"device_map": {"": device}}
 
 
 def _from_pretrained(path: str, torch_dtype: torch.dtype, quant_kwargs: dict[str, Any], **kwargs: Any):
@@ -76,6 +105,7 @@ def load_pretrained(name_or_path: str, gguf_file: str | None, torch_dtype: torch
             raise LLMLoadError(f"GGUF file {name_or_path!r} does not exist")
         path, gguf_file = path.parent, path.name
     target = str(path) if path.exists() else name_or_path
+    quant_kwargs = {**quant_kwargs, **placement_kwargs(rank_device())}
     kwargs: dict[str, Any] = {"local_files_only": _is_offline()}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
