@@ -8,10 +8,14 @@ Two families of commands share one entry point:
   functions; each takes ``--config`` too).
 
 Bad input (``DataError``, ``ConfigError``) ends the program with one line on stderr and exit code 2.
+
+Model hubs are offline by default (``HF_HUB_OFFLINE=1``, ``TRANSFORMERS_OFFLINE=1`` unless the environment sets
+them); ``--online`` anywhere on the command line turns both off for this process, so a missing model is downloaded.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -171,8 +175,29 @@ Tools:
   analyze         embedding-swap test, soft-prompt analysis, outlier buckets of a trained stage-2 run
   hardware        computed GPU memory / host RAM table for Llama-2-7B, Llama-3-8B, SmolLM2 (no download)
 
-`xrec-pl COMMAND --help` shows every option of a command.
+`xrec-pl COMMAND --help` shows every option of a command. Hugging Face downloads are off unless `--online` is
+given (anywhere on the line) or the environment sets HF_HUB_OFFLINE=0.
 """
+ONLINE_FLAG = "--online"
+
+
+def set_hub_offline(offline: bool) -> None:
+    """Set HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE for this process, in the environment and in huggingface_hub.
+
+    huggingface_hub reads the variable once, when it is imported (already done by the imports of this module), so
+    its module constant is set as well.
+    """
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[name] = "1" if offline else "0"
+    hub_constants = sys.modules.get("huggingface_hub.constants")
+    if hub_constants is not None:
+        hub_constants.HF_HUB_OFFLINE = offline
+
+
+def _env_offline() -> bool:
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _error_line(err: BaseException) -> str | None:
@@ -192,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     offline_defaults()
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    online = ONLINE_FLAG in argv
+    argv = [arg for arg in argv if arg != ONLINE_FLAG]
+    set_hub_offline(not online and _env_offline())
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0

@@ -131,7 +131,21 @@ def _load_error(name_or_path: str, gguf_file: str | None, local: bool, err: Exce
     if not local:
         where = "local Hugging Face cache only (HF_HUB_OFFLINE is set)" if _is_offline() else "Hugging Face hub"
         tried.append(f"model id {name_or_path!r} in the {where}")
-    return LLMLoadError(f"cannot load LLM {name_or_path!r}; tried {'; '.join(tried)}: {type(err).__name__}: {err}")
+    return LLMLoadError(
+        f"cannot load LLM {name_or_path!r}; tried {'; '.join(tried)}: {type(err).__name__}: {err}"
+        + ("" if local else f"; {download_hint(name_or_path)}")
+    )
+
+
+def download_hint(name_or_path: str) -> str:
+    """How to get a hub model that is not on disk (the end of the missing-model error)."""
+    access = "gated models (meta-llama/...) also need an accepted licence and `hf auth login` or HF_TOKEN"
+    if _is_offline():
+        return (
+            f"to download it, add --online to the xrec-pl command (or set HF_HUB_OFFLINE=0); {access}; "
+            f"or run `hf download {name_or_path}` once, or pass a local model folder as model.llm"
+        )
+    return f"the hub was reachable in principle: check the model id, your network and the access rights ({access})"
 
 
 def embedded_gguf_path() -> Path:
