@@ -27,7 +27,17 @@ from xrec_pl.errors import CLI_ERRORS, ConfigError
 from xrec_pl.tools.stage_cli import XrecCLI, offline_defaults
 
 STAGE_COMMANDS = ("fit", "validate", "test", "predict")
-TOOL_COMMANDS = ("pipeline", "evaluate", "make-synthetic", "convert", "bench", "experiment", "analyze", "hardware")
+TOOL_COMMANDS = (
+    "pipeline",
+    "evaluate",
+    "make-synthetic",
+    "convert",
+    "bench",
+    "experiment",
+    "analyze",
+    "hardware",
+    "init",
+)
 
 
 # ----------------------------------------------------------------------------------------------------- tool commands
@@ -141,6 +151,38 @@ def evaluate(
     return result
 
 
+def init(dir: str) -> list[str]:
+    """Write the shipped configs into ``DIR/configs/`` (the repository's layout), to read and edit.
+
+    Inside ``DIR`` the documented commands (``-c configs/stage2/llama2_7b.yaml``) then use these copies. Existing
+    files are never overwritten: if any target exists, nothing is written.
+
+    Args:
+        dir: Folder to write ``configs/`` into (created if missing).
+    """
+    from xrec_pl.config_files import configs_dir
+    from xrec_pl.outputs import check_output_dir
+    from xrec_pl.utils import atomic_write_text
+
+    root = configs_dir()
+    if root is None:
+        raise ConfigError("this installation has no shipped configs (xrec_pl/configs is missing)")
+    target = check_output_dir(dir, "DIR") / "configs"
+    sources = sorted(root.rglob("*.yaml"))
+    for source in sources:
+        if (target / source.relative_to(root)).exists():
+            raise ConfigError(
+                f"{target / source.relative_to(root)}: exists; init never overwrites (choose another DIR)"
+            )
+    written = []
+    for source in sources:
+        path = target / source.relative_to(root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written.append(str(atomic_write_text(path, source.read_text(encoding="utf-8"))))
+    sys.stdout.write(f"wrote {len(written)} configs into {target}\n")
+    return written
+
+
 def _tool_functions() -> dict[str, Any]:
     from xrec_pl.tools.analysis import analyze
     from xrec_pl.tools.bench import bench
@@ -157,6 +199,7 @@ def _tool_functions() -> dict[str, Any]:
         "experiment": experiment,
         "analyze": analyze,
         "hardware": hardware,
+        "init": init,
     }
 
 
@@ -173,6 +216,7 @@ Tools:
   bench           benchmarks against reference-style implementations
   experiment      run an ablation suite over seeds and write a report
   analyze         embedding-swap test, soft-prompt analysis, outlier buckets of a trained stage-2 run
+  init DIR        write the shipped configs into DIR/configs to edit (never overwrites)
   hardware        computed GPU memory / host RAM table for Llama-2-7B, Llama-3-8B, SmolLM2 (no download)
 
 `xrec-pl COMMAND --help` shows every option of a command. Hugging Face downloads are off unless `--online` is
@@ -242,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
             # `-c` as in the stage commands (jsonargparse's function CLIs only know `--config`)
             argv = ["--config" if arg == "-c" else arg for arg in argv]
+            if argv[0] == "init" and len(argv) > 1 and not argv[1].startswith("-"):
+                argv = ["init", "--dir", *argv[1:]]  # `xrec-pl init DIR`
             CLI(_tool_functions(), args=argv, as_positional=False, prog="xrec-pl", exit_on_error=False)
         else:
             sys.stderr.write(f"xrec-pl: error: unknown command {argv[0]!r}\n\n{USAGE}")
