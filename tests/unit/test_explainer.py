@@ -92,7 +92,7 @@ def test_checkpoint_holds_only_adapters_and_loads_validated(synthetic_dir, emb_p
     ckpt = torch.load(path, weights_only=False)
     expected = {n for n, p in module.named_parameters() if p.requires_grad}
     assert set(ckpt["state_dict"]) == expected
-    assert all(k.startswith(("user_adapter.", "item_adapter.")) for k in expected)
+    assert all(k.startswith(("net.user_adapter.", "net.item_adapter.")) for k in expected)
     assert ckpt["xrec_explainer"]["llm"]["hidden_size"] == 32
 
     loaded = ExplainerModule.load_from_checkpoint(path)
@@ -101,8 +101,8 @@ def test_checkpoint_holds_only_adapters_and_loads_validated(synthetic_dir, emb_p
             assert torch.equal(p, loaded.get_parameter(name))
 
     fresh = make(emb_path)
-    broken = dict(ckpt, state_dict={k: v for k, v in ckpt["state_dict"].items() if k != "user_adapter.w_gate"})
-    with pytest.raises(ValueError, match=r"missing \['user_adapter.w_gate'\]"):
+    broken = dict(ckpt, state_dict={k: v for k, v in ckpt["state_dict"].items() if k != "net.user_adapter.w_gate"})
+    with pytest.raises(ValueError, match=r"missing \['net.user_adapter.w_gate'\]"):
         fresh.on_load_checkpoint(broken)
     extra = dict(ckpt, state_dict={**ckpt["state_dict"], "llm.model.norm.weight": torch.ones(32)})
     with pytest.raises(ValueError, match=r"unexpected \['llm.model.norm.weight'\]"):

@@ -73,7 +73,7 @@ def load_validated(
     """Refuse a checkpoint of another LLM or configuration, or with missing/unexpected/misshapen trainable weights.
 
     ``identity`` is the module's own (``llm`` = its ``LLMInfo.to_dict()``, plus ``keys``). On success the frozen
-    weights the module already holds (``module.llm``) are filled into ``checkpoint["state_dict"]``, so the
+    weights the module already holds (its state but the trainable parameters) are filled into ``checkpoint["state_dict"]``, so the
     non-strict load reports no missing keys; copying a tensor onto itself changes nothing.
 
     Raises:
@@ -94,4 +94,22 @@ def load_validated(
         raise LLMLoadError(f"{where}: {err}") from None
     except ValueError as err:
         raise DataError(f"{where}: {err}") from None
-    checkpoint["state_dict"] = {**module.llm.state_dict(prefix="llm."), **checkpoint["state_dict"]}
+    trainable = trainable_keys(module)
+    frozen = {k: v for k, v in module.state_dict().items() if k not in trainable}
+    checkpoint["state_dict"] = {**frozen, **checkpoint["state_dict"]}
+
+
+def rename_legacy_keys(checkpoint: dict[str, Any], renames: Mapping[str, str]) -> None:
+    """Rename the ``state_dict`` keys that start with an old prefix (``renames``: old prefix -> new), in place.
+
+    For checkpoints written before a module moved its parts (the explainer's adapters into ``net``); keys that
+    already have the new layout, and the optimizer state (kept by parameter order), are left as they are.
+    """
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):
+        return
+    renamed = {}
+    for key, value in state.items():
+        old = next((prefix for prefix in renames if key.startswith(prefix)), None)
+        renamed[key if old is None else renames[old] + key[len(old) :]] = value
+    checkpoint["state_dict"] = renamed

@@ -1,57 +1,52 @@
-"""ExplainerModule: stage 2 of XRec — a frozen causal LLM, two trainable adapters, embedding injection.
+"""ExplainerModule: stage 2 of XRec as Lightning glue around :class:`~xrec_pl.models.explainer.GraphConditionedLM`.
 
-Only the adapters train. What each piece does and why:
+The maths (embedding source, adapters, injection, loss, decoding) lives in the net (``self.net``); this module holds
+the steps, logging, the dataset-size checks in ``setup``, the optimizer and the checkpoints' identity (shared with
+the peft arms in :class:`~xrec_pl.lit.frozen_lm.FrozenLMModule`). Only the adapters train.
 
-- The LLM and its tokenizer are loaded in ``__init__`` (``load_frozen_llm``), so the DataModule can take
-  ``module.tokenizer`` in its ``setup()``. The LLM is frozen and stays in eval mode during ``fit`` (Lightning 2.6
-  keeps submodule modes; it warns "Found N module(s) in eval mode" — expected); the adapters train.
-- Injection (``EmbeddingInjector``): hooks installed once, here, and kept. ``training_step`` sets the per-batch
-  context and ``on_train_batch_end`` (after backward) clears it, so activation checkpointing can re-run the hooked
-  forward during backward. Eval and generation use the ``injecting`` context manager.
-- Loss: cross-entropy on the labelled (assistant) tokens only, LM head at those positions only
-  (:mod:`xrec_pl.models.lm_loss`).
-- Checkpoints hold the adapter weights (and optimizer state) only, plus the LLM identity; loading validates both.
+- The LLM and its tokenizer are loaded in ``__init__``, so the DataModule can take ``module.tokenizer`` in its
+  ``setup()``. The LLM stays in eval mode during ``fit`` (Lightning warns "Found N module(s) in eval mode" — expected).
+- Injection: ``training_step`` sets the batch's context and ``on_train_batch_end`` (after backward) clears it, so
+  activation checkpointing can re-run the hooked forward during backward; eval and generation use ``injecting``.
+- Checkpoints hold the adapter weights (``net.user_adapter.*``, ``net.item_adapter.*``) and optimizer state only,
+  plus the LLM identity; loading validates both. Checkpoints written before the net existed (``user_adapter.*``)
+  load too (their keys are renamed on load).
 
-Ablation switches (DESIGN §1), all constructor arguments and therefore logged with the run's hparams:
+The ablation switches (``adapter``, ``injection``, ``embedding_source``; DESIGN §1) are constructor arguments, so
+they are logged with the run's hparams; what each one does: :mod:`xrec_pl.models.explainer`.
 
-- ``adapter``: ``"moe"`` (XRec), ``"linear"`` (no MoE), ``"none"`` (no adapter: the reserved tokens keep their new,
-  untrained token embeddings; nothing is injected and nothing trains).
-- ``injection``: ``"layers"`` (input + every layer's q/k/v; XRec), ``"input"`` (input embeddings only: the adapters
-  train and replace the reserved tokens' input embeddings, only the per-layer q/k/v addition is removed; this is
-  "without injection" as the reproduction studies (TMLR, ReXRec) meant it), ``"none"`` (plain prompt: the reserved
-  tokens *stay in the text* with their untrained embeddings; no adapter is built and nothing trains: the plain-LLM
-  baseline, not the studies' "without injection").
-- ``embedding_source``: ``"graph"`` (stage-1 embeddings from ``embeddings_path``), ``"fixed"``, ``"random"``,
-  ``"redrawn"`` (:mod:`xrec_pl.models.sources`).
-
-Predictions: ``predict_step`` generates, returns ``{uid, iid, prediction, reference}`` rows and
-``on_predict_epoch_end`` gathers them from all ranks, orders them by record index and writes
-``{trainer.default_root_dir}/{predictions_file}`` (JSON lines) on rank zero, atomically.
+Predictions (:class:`~xrec_pl.lit.generation.GenerationMixin`): ``{uid, iid, prediction, reference}`` rows, gathered
+from all ranks and written to ``{trainer.default_root_dir}/{predictions_file}`` (JSON lines) on rank zero.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 from xrec_pl import run_layout
 from xrec_pl.data.embeddings import load_checked_embeddings
 from xrec_pl.errors import ConfigError, DataError
+from xrec_pl.lit.checkpoint import rename_legacy_keys
 from xrec_pl.lit.frozen_lm import FrozenLMModule
-from xrec_pl.models.adapters import AdapterKind, build_adapter
-from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
-from xrec_pl.models.sources import EmbeddingSource, EmbeddingSourceKind
-from xrec_pl.utils import check_choice
+from xrec_pl.lit.optim import OptimizerName
+from xrec_pl.models.adapters import AdapterKind
+from xrec_pl.models.explainer import Decoder, GraphConditionedLM
+from xrec_pl.models.injection import InjectionMode
+from xrec_pl.models.sources import EmbeddingSourceKind
 
 __all__ = ["Decoder", "ExplainerModule", "OptimizerName"]
 
-OptimizerName = Literal["adamw", "adam"]
-Decoder = Literal["compact", "hf"]
 PostProcess = Literal["none", "xrec"]
 GenerationDefaults = Literal["greedy", "model"]
+
+
+def _net_part(path: str, doc: str) -> property:
+    """A read-only property that forwards to ``self.net.<path>`` (dotted)."""
+    return property(lambda self: operator.attrgetter(path)(self.net), doc=doc)
 
 
 class ExplainerModule(FrozenLMModule):
@@ -135,73 +130,53 @@ class ExplainerModule(FrozenLMModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        for name, value, choices in (
-            ("adapter", adapter, AdapterKind),
-            ("injection", injection, InjectionMode),
-            ("embedding_source", embedding_source, EmbeddingSourceKind),
-            ("decoder", decoder, Decoder),
-            ("optimizer", optimizer, OptimizerName),
-            ("postprocess", postprocess, PostProcess),
-            ("generation_defaults", generation_defaults, GenerationDefaults),
-        ):
-            check_choice(name, value, choices)
-        for name, value in (("lr", lr), ("max_new_tokens", max_new_tokens), ("graph_dim", graph_dim)):
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if weight_decay < 0 or warmup_steps < 0:
-            raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {weight_decay} and {warmup_steps}")
+        switches = {"adapter": AdapterKind, "injection": InjectionMode, "embedding_source": EmbeddingSourceKind}
+        self.check_hparams(
+            {**switches, "postprocess": PostProcess, "generation_defaults": GenerationDefaults}, ("graph_dim",)
+        )
         if embedding_source == "graph" and not embeddings_path:
             raise ValueError("embedding_source='graph' needs embeddings_path (stage 1's embeddings.safetensors)")
-        self.init_frozen_llm(
-            llm,
-            llm_dtype,
-            seed,
-            quantization,
-            extra_tokens,
-            generation_defaults,
-            {
-                "do_sample": do_sample,
-                "temperature": temperature,
-                "top_p": top_p,
-                "top_k": top_k,
-                "repetition_penalty": repetition_penalty,
-                "no_repeat_ngram_size": no_repeat_ngram_size,
-            },
-        )
-        hidden = self.llm_info.hidden_size
-
         user = item = None
         if embeddings_path:
             user, item = load_checked_embeddings(embeddings_path, graph_dim, num_users, num_items)
-        self.source = EmbeddingSource(embedding_source, graph_dim, seed, user, item, num_users, num_items)
-        self.num_users, self.num_items = self.source.num_users, self.source.num_items
-
-        trains = adapter != "none" and injection != "none"  # nothing is built where nothing would reach the LLM
-        moe = {"num_experts": num_experts, "dropout": adapter_dropout} if adapter == "moe" else {}
-        self.user_adapter = build_adapter(adapter, graph_dim, hidden, **moe) if trains else None
-        self.item_adapter = build_adapter(adapter, graph_dim, hidden, **moe) if trains else None
-        # not an nn.Module (it only holds hooks and a reference to the llm); "none" installs nothing
-        self.injector = EmbeddingInjector(self.llm, mode=injection if trains else "none").install()
-
+        hp = self.hparams
+        load = {
+            "dtype": llm_dtype,
+            "seed": seed,
+            "quantization": quantization,
+            "extra_tokens": tuple(extra_tokens or ()),
+        }
+        keys = (*switches, "num_experts", "adapter_dropout", "graph_dim", "num_users", "num_items")
+        self.net = GraphConditionedLM.from_pretrained(llm, user=user, item=item, **load, **{k: hp[k] for k in keys})
+        decoding = {k: hp[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")}
+        decoding["no_repeat_ngram_size"] = no_repeat_ngram_size
+        self.init_frozen_lm_state(generation_defaults, decoding)
         self.enable_gradient_checkpointing()
+
+    # ------------------------------------------------------------------------------------------ the net's parts
+    llm = _net_part("llm", "The frozen LLM.")
+    tokenizer = _net_part("tokenizer", "The LLM's tokenizer (the DataModule takes it in ``setup``).")
+    source = _net_part("source", "The :class:`~xrec_pl.models.sources.EmbeddingSource`.")
+    user_adapter = _net_part("user_adapter", "The user adapter (``None``: nothing is injected).")
+    item_adapter = _net_part("item_adapter", "The item adapter (``None``: nothing is injected).")
+    injector = _net_part("injector", "The :class:`~xrec_pl.models.injection.EmbeddingInjector`.")
+    num_users = _net_part("source.num_users", "Users of the embedding table (``None``: not known yet).")
+    num_items = _net_part("source.num_items", "Items of the embedding table (``None``: not known yet).")
 
     # ------------------------------------------------------------------------------------------ embeddings
     def setup(self, stage: str) -> None:
         """Check the tables against the DataModule's dataset sizes; size the ``"random"`` tables from it."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        sizes = {}
         for name in ("users", "items"):
-            ds = getattr(dm, f"num_{name}", None)
-            mine = getattr(self, f"num_{name}")
-            if ds is None:
-                continue
-            if mine is None:
-                setattr(self, f"num_{name}", ds)
-            elif mine != ds and self.hparams.embedding_source in ("graph", "random"):
+            ds, mine = getattr(dm, f"num_{name}", None), getattr(self, f"num_{name}")
+            sizes[name] = mine if mine is not None else ds
+            if None not in (ds, mine) and mine != ds and self.hparams.embedding_source in ("graph", "random"):
                 raise DataError(
                     f"{self.hparams.embeddings_path or 'embedding table'}: {mine} {name} rows, but the dataset at "
                     f"{getattr(dm, 'data_dir', '?')} has {ds} {name}"
                 )
-        self.source.size(self.num_users, self.num_items, device=next(self.llm.parameters()).device)
+        self.source.size(sizes["users"], sizes["items"], device=next(self.llm.parameters()).device)
         if self.hparams.embedding_source == "random" and self.source.user_table is None:
             raise ConfigError(
                 f"--model.embedding_source=random needs the numbers of users and items: give --model.num_users and "
@@ -213,46 +188,43 @@ class ExplainerModule(FrozenLMModule):
 
     def graph_vectors(self, user_id: Tensor, item_id: Tensor) -> tuple[Tensor, Tensor]:
         """Collaborative vectors ``(B, D)`` for the users and items of a batch, per ``embedding_source``."""
-        return self.source(user_id, item_id)
-
-    def _injection(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
-        """``(positions (B, 2), vectors (B, 2, H))`` for the batch, or ``None`` when nothing is injected."""
-        if self.user_adapter is None:
-            return None
-        user_vec, item_vec = self.graph_vectors(batch["user_id"], batch["item_id"])
-        vectors = torch.stack([self.user_adapter(user_vec), self.item_adapter(item_vec)], dim=1)  # (B, 2, H)
-        positions = torch.stack([batch["user_pos"], batch["item_pos"]], dim=1)  # (B, 2)
-        return positions, vectors
+        return self.net.graph_vectors(user_id, item_id)
 
     def quiet_while_generating(self) -> tuple[nn.Module | None, ...]:
-        return self.user_adapter, self.item_adapter
+        return self.net.adapters()
 
     def injecting_batch(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
         """Context in which the LLM's forward injects this batch's adapted graph vectors (no-op without adapters)."""
-        inj = self._injection(batch)
-        return contextlib.nullcontext() if inj is None else self.injector.injecting(*inj)
+        return self.net.injecting(batch)
+
+    def lm_hidden_states(self, batch: dict[str, Any]) -> Tensor:
+        return self.net.hidden_states(batch)
+
+    def token_nll(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        return self.net.token_nll(batch)
+
+    def generate_tokens(self, input_ids: Tensor, attention_mask: Tensor, config: Any) -> Tensor:
+        return self.net.generate_tokens(input_ids, attention_mask, config, self.hparams.decoder)
 
     # ------------------------------------------------------------------------------------------ steps
     @property
     def trains_anything(self) -> bool:
-        return self.user_adapter is not None
+        return self.net.trains_anything
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
-        inj = self._injection(batch)
-        if inj is not None:
-            self.injector.set_context(*inj)  # kept until on_train_batch_end (after backward)
+        self.net.set_context(batch)  # kept until on_train_batch_end (after backward)
         return super().training_step(batch, batch_idx)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.injector.clear()
+        self.net.clear_context()
 
     def on_train_epoch_end(self) -> None:
-        self.injector.clear()
+        self.net.clear_context()
 
     # ------------------------------------------------------------------------------------------ optimizer
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters, found structurally: those of the two adapters."""
-        return [p for m in (self.user_adapter, self.item_adapter) if m is not None for p in m.parameters()]
+        return self.net.adapter_parameters()
 
     def describe_arm(self) -> str:
         hp = self.hparams
@@ -267,3 +239,8 @@ class ExplainerModule(FrozenLMModule):
             "graph_dim": hp.graph_dim,
             "num_experts": hp.num_experts if hp.adapter == "moe" else None,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rename the adapter keys of checkpoints written before ``self.net`` existed, then the validated load."""
+        rename_legacy_keys(checkpoint, {"user_adapter.": "net.user_adapter.", "item_adapter.": "net.item_adapter."})
+        super().on_load_checkpoint(checkpoint)

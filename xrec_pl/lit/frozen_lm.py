@@ -29,9 +29,11 @@ from torch import Tensor, nn
 from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.lit.checkpoint import load_validated, save_trainable
 from xrec_pl.lit.generation import GenerationMixin
-from xrec_pl.lit.optim import adam_with_warmup
-from xrec_pl.models.llm import get_llm_info, load_frozen_llm, set_layer_checkpointing
+from xrec_pl.lit.optim import OptimizerName, adam_with_warmup
+from xrec_pl.models.explainer import Decoder, load_seeded_llm
+from xrec_pl.models.llm import get_llm_info, set_layer_checkpointing
 from xrec_pl.models.lm_loss import decoder_hidden_states, token_nll
+from xrec_pl.utils import check_choice
 
 __all__ = ["FrozenLMModule"]
 
@@ -57,17 +59,31 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
         ``repetition_penalty``, ``no_repeat_ngram_size``; ``None`` values ignored), as
         :meth:`~xrec_pl.lit.generation.GenerationMixin.resolve_decoding` takes them.
         """
+        self.llm, self.tokenizer = load_seeded_llm(llm, llm_dtype, seed, quantization, tuple(extra_tokens or ()))
+        self.init_frozen_lm_state(generation_defaults, decoding)
+
+    def init_frozen_lm_state(
+        self, generation_defaults: str = "greedy", decoding: Mapping[str, Any] | None = None
+    ) -> None:
+        """The glue's own state once ``self.llm`` and ``self.tokenizer`` exist: LLM identity, decoding, eval sums."""
         self.strict_loading = False  # checkpoints hold the trainable weights only; on_load_checkpoint validates them
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.llm, self.tokenizer = load_frozen_llm(
-                llm, dtype=llm_dtype, quantization=quantization, extra_tokens=tuple(extra_tokens or ())
-            )
         self.llm.requires_grad_(False).eval()
         self.sampling = self.resolve_decoding(generation_defaults, decoding)
         self.llm_info = get_llm_info(self.llm)
         self._predictions: list[dict[str, Any]] = []
         self._eval_totals = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count) of the running eval epoch
+
+    def check_hparams(self, choices: Mapping[str, Any] | None = None, positive: tuple[str, ...] = ()) -> None:
+        """Refuse switches outside their ``Literal`` (``decoder``, ``optimizer`` and ``choices``: name -> Literal) and
+        non-positive ``lr``/``max_new_tokens``/``positive`` or negative ``weight_decay``/``warmup_steps`` hparams."""
+        hp = self.hparams
+        for name, allowed in {"decoder": Decoder, "optimizer": OptimizerName, **(choices or {})}.items():
+            check_choice(name, hp[name], allowed)
+        for name in ("lr", "max_new_tokens", *positive):
+            if not hp[name] > 0:
+                raise ValueError(f"{name} must be positive, got {hp[name]}")
+        if hp.weight_decay < 0 or hp.warmup_steps < 0:
+            raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {hp.weight_decay} and {hp.warmup_steps}")
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the decoder layers in backward (non-reentrant) when ``hparams.gradient_checkpointing``."""

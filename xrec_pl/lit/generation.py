@@ -21,10 +21,10 @@ from xrec_pl.models.decoding import (
     bracket_token_ids,
     cut_at_bracket,
     greedy_config,
-    greedy_with_config,
     resolve_sampling,
     stop_ids,
 )
+from xrec_pl.models.explainer import decode
 from xrec_pl.utils import write_jsonl
 
 __all__ = ["GenerationMixin"]
@@ -99,10 +99,7 @@ class GenerationMixin:
         ``decoder="compact"`` (default) drops finished rows from the batch (:func:`greedy_generate`);
         ``decoder="hf"`` calls ``llm.generate``. Both give the same tokens (tested).
         """
-        if self.hparams.get("decoder", "compact") == "compact":
-            return greedy_with_config(self.llm, config, attention_mask, input_ids=input_ids)
-        out = self.llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        return out[:, input_ids.shape[1] :]
+        return decode(self.llm, input_ids, attention_mask, config, self.hparams.get("decoder", "compact"))
 
     def on_predict_epoch_start(self) -> None:
         self._predictions = []

@@ -8,10 +8,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+OptimizerName = Literal["adamw", "adam"]
+
 
 def adam_with_warmup(
     params: Iterable[nn.Parameter],
-    kind: Literal["adamw", "adam"],
+    kind: OptimizerName,
     lr: float,
     weight_decay: float,
     warmup_steps: int = 0,

@@ -32,10 +32,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from xrec_pl import run_layout
-from xrec_pl.lit.explainer import Decoder, OptimizerName
 from xrec_pl.lit.frozen_lm import FrozenLMModule
+from xrec_pl.lit.optim import OptimizerName
 from xrec_pl.models.decoding import greedy_with_config
-from xrec_pl.utils import check_choice
+from xrec_pl.models.explainer import Decoder
 
 __all__ = ["PeftExplainerModule", "PeftMethod", "PromptInit"]
 
@@ -100,15 +100,7 @@ class PeftExplainerModule(FrozenLMModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        check_choice("method", method, PeftMethod)
-        check_choice("prompt_init", prompt_init, PromptInit)
-        check_choice("decoder", decoder, Decoder)
-        check_choice("optimizer", optimizer, OptimizerName)
-        for name, value in (("lr", lr), ("max_new_tokens", max_new_tokens)):
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if weight_decay < 0 or warmup_steps < 0:
-            raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {weight_decay} and {warmup_steps}")
+        self.check_hparams({"method": PeftMethod, "prompt_init": PromptInit})
         self.init_frozen_llm(llm, llm_dtype, seed)
         self.enable_gradient_checkpointing()
         import peft
