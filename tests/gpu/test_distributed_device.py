@@ -58,7 +58,9 @@ def test_ddp_fit_on_every_device(device, synthetic_dir, tmp_path):
     _fit(synthetic_dir, root, tmp_path, *_placement(device), "--trainer.strategy=ddp", "--trainer.max_steps=3")
     state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == 3
-    assert state["state_dict"] and not any(k.startswith("llm.") for k in state["state_dict"])
+    assert state["state_dict"] and all(
+        k.startswith(("net.user_adapter.", "net.item_adapter.")) for k in state["state_dict"]
+    )
     if device == "cuda":
         assert gpu_count() >= 1
 
