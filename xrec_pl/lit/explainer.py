@@ -42,6 +42,8 @@ __all__ = ["Decoder", "ExplainerModule", "OptimizerName"]
 
 PostProcess = Literal["none", "xrec"]
 GenerationDefaults = Literal["greedy", "model"]
+# overrides of generation_defaults (GenerationMixin.resolve_decoding)
+DECODING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
 
 
 def _net_part(path: str, doc: str) -> property:
@@ -139,17 +141,11 @@ class ExplainerModule(FrozenLMModule):
         user = item = None
         if embeddings_path:
             user, item = load_checked_embeddings(embeddings_path, graph_dim, num_users, num_items)
-        hp = self.hparams
-        load = {
-            "dtype": llm_dtype,
-            "seed": seed,
-            "quantization": quantization,
-            "extra_tokens": tuple(extra_tokens or ()),
-        }
+        hp, extra = self.hparams, tuple(extra_tokens or ())
+        load = {"dtype": llm_dtype, "seed": seed, "quantization": quantization, "extra_tokens": extra}
         keys = (*switches, "num_experts", "adapter_dropout", "graph_dim", "num_users", "num_items")
         self.net = GraphConditionedLM.from_pretrained(llm, user=user, item=item, **load, **{k: hp[k] for k in keys})
-        decoding = {k: hp[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")}
-        decoding["no_repeat_ngram_size"] = no_repeat_ngram_size
+        decoding = {k: hp[k] for k in DECODING_KEYS}
         self.init_frozen_lm_state(generation_defaults, decoding)
         self.enable_gradient_checkpointing()
 
@@ -196,9 +192,6 @@ class ExplainerModule(FrozenLMModule):
     def injecting_batch(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
         """Context in which the LLM's forward injects this batch's adapted graph vectors (no-op without adapters)."""
         return self.net.injecting(batch)
-
-    def lm_hidden_states(self, batch: dict[str, Any]) -> Tensor:
-        return self.net.hidden_states(batch)
 
     def token_nll(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         return self.net.token_nll(batch)
