@@ -182,14 +182,19 @@ class GraphConditionedLM(nn.Module):
         """Collaborative vectors ``(B, D)`` of the users and items of a batch."""
         return self.source(user_id, item_id)
 
-    def vectors(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
-        """``(positions (B, 2), vectors (B, 2, H))`` to inject for the batch, or ``None`` without adapters."""
+    def adapted_vectors(self, user_id: Tensor, item_id: Tensor) -> Tensor | None:
+        """Adapter outputs ``(B, 2, H)`` (user, item) for ids ``(B,)``, or ``None`` without adapters."""
         if self.user_adapter is None:
             return None
-        user_vec, item_vec = self.graph_vectors(batch["user_id"], batch["item_id"])
-        vectors = torch.stack([self.user_adapter(user_vec), self.item_adapter(item_vec)], dim=1)  # (B, 2, H)
-        positions = torch.stack([batch["user_pos"], batch["item_pos"]], dim=1)  # (B, 2)
-        return positions, vectors
+        user_vec, item_vec = self.graph_vectors(user_id, item_id)
+        return torch.stack([self.user_adapter(user_vec), self.item_adapter(item_vec)], dim=1)  # (B, 2, H)
+
+    def vectors(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor] | None:
+        """``(positions (B, 2), vectors (B, 2, H))`` to inject for the batch, or ``None`` without adapters."""
+        vectors = self.adapted_vectors(batch["user_id"], batch["item_id"])
+        if vectors is None:
+            return None
+        return torch.stack([batch["user_pos"], batch["item_pos"]], dim=1), vectors  # (B, 2), (B, 2, H)
 
     def injecting(self, batch: dict[str, Any]) -> contextlib.AbstractContextManager:
         """Context in which the LLM's forward is conditioned on this batch (a no-op without adapters)."""

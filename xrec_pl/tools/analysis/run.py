@@ -127,11 +127,10 @@ def teacher_batches(run: LoadedRun, split: str = "tst") -> Iterator[dict[str, An
 
 def adapter_vectors(module: Any, user_id: Tensor, item_id: Tensor) -> Tensor | None:
     """Adapter outputs ``(B, 2, H)`` (user, item) for these ids, or ``None`` when the run injects nothing."""
-    if module.user_adapter is None or module.item_adapter is None:
+    if module.user_adapter is None:
         return None
     device = next(module.user_adapter.parameters()).device
-    user_vec, item_vec = module.graph_vectors(user_id.to(device), item_id.to(device))
-    return torch.stack([module.user_adapter(user_vec), module.item_adapter(item_vec)], dim=1)
+    return module.net.adapted_vectors(user_id.to(device), item_id.to(device))
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager:
