@@ -234,6 +234,19 @@ def test_buckets_without_predictions_use_the_swap_records(graph_swap, synthetic_
         bucket_report(tmp_path / "none.jsonl", emb_path, synthetic_dir, swap_rows=tmp_path / "nothing.jsonl")
 
 
+def test_load_run_reads_a_checkpoint_of_the_old_key_layout(runs, tmp_path):
+    """A last.ckpt as main wrote it before ExplainerModule held a net (adapter keys ``user_adapter.*``) still loads."""
+    ckpt = torch.load(runs["fixed"] / "checkpoints" / "last.ckpt", weights_only=False)
+    old_state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items()}
+    assert any(k.startswith("user_adapter.") for k in old_state) and any(
+        k.startswith("item_adapter.") for k in old_state
+    )
+    torch.save({**ckpt, "state_dict": old_state}, tmp_path / "old.ckpt")
+    run = load_run(runs["fixed"], checkpoint=str(tmp_path / "old.ckpt"))
+    for key, value in old_state.items():
+        assert torch.equal(run.module.get_parameter(f"net.{key}"), value), key
+
+
 def test_bad_inputs_name_the_problem(tmp_path, runs):
     with pytest.raises(DataError, match="last.ckpt"):
         analyze(str(tmp_path), parts=["swap"])

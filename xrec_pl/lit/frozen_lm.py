@@ -217,5 +217,10 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse checkpoints of another LLM/arm, or with missing/unexpected trainable keys (``DataError``)."""
         where = (self._trainer.ckpt_path if self._trainer is not None else None) or "checkpoint"
+        self.accept_checkpoint(checkpoint, str(where))
+
+    def accept_checkpoint(self, checkpoint: dict[str, Any], where: str) -> None:
+        """The one validated load (:func:`~xrec_pl.lit.checkpoint.load_validated`) of ``checkpoint`` (read from
+        ``where``) into this module's identity; ``checkpoint["state_dict"]`` is then ready for a non-strict load."""
         identity = {"llm": self.llm_info.to_dict(), **self.arm_identity()}
-        load_validated(self, checkpoint, identity, self.IDENTITY_KEYS, str(where))
+        load_validated(self, checkpoint, identity, self.IDENTITY_KEYS, where)

@@ -76,7 +76,6 @@ def load_run(
     """
     from data_modules.explanations import ExplanationDataModule
     from xrec_pl.data.pickles import safe_torch_load
-    from xrec_pl.lit.checkpoint import load_validated
     from xrec_pl.lit.explainer import ExplainerModule
 
     ckpt = find_checkpoint(run_dir, checkpoint)
@@ -105,8 +104,7 @@ def load_run(
         overrides["llm_dtype"] = llm_dtype
     accepted = set(inspect.signature(ExplainerModule.__init__).parameters) - {"self"}
     module = ExplainerModule(**{**{k: v for k, v in hp.items() if k in accepted}, **overrides})
-    identity = {"llm": module.llm_info.to_dict(), **module.arm_identity()}
-    load_validated(module, meta, identity, module.IDENTITY_KEYS, str(ckpt))
+    module.accept_checkpoint(meta, str(ckpt))  # LLM identity, arm, adapter keys and shapes (old key layouts renamed)
     module.load_state_dict(meta["state_dict"], strict=False)
     module.eval()
     datamodule.tokenizer = module.tokenizer
