@@ -233,7 +233,7 @@ class ExplainerModule(FrozenLMModule):
             "num_experts": hp.num_experts if hp.adapter == "moe" else None,
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def accept_checkpoint(self, checkpoint: dict[str, Any], where: str) -> None:
         """Rename the adapter keys of checkpoints written before ``self.net`` existed, then the validated load."""
         rename_legacy_keys(checkpoint, {"user_adapter.": "net.user_adapter.", "item_adapter.": "net.item_adapter."})
-        super().on_load_checkpoint(checkpoint)
+        super().accept_checkpoint(checkpoint, where)
