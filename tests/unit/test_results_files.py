@@ -1,0 +1,34 @@
+"""The committed headline results (results/amazon-headline) pair with the Amazon test split they claim to score.
+
+The predictions file holds ``uid, iid, prediction`` only (no copy of the dataset's texts); its rows are in the order
+of ``tst.pkl``, so ``xrec-pl evaluate --predictions results/amazon-headline/predictions.jsonl --references
+../shared/data/amazon/tst.pkl`` re-scores it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import REPO_ROOT
+
+RESULTS = REPO_ROOT / "results" / "amazon-headline"
+
+
+def test_headline_predictions_follow_the_test_split(amazon_dir):
+    from xrec_pl.data.io import safe_load_pickle
+
+    rows = [json.loads(line) for line in (RESULTS / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    frame = safe_load_pickle(amazon_dir / "tst.pkl")
+    assert len(rows) == len(frame) == 329
+    assert [(r["uid"], r["iid"]) for r in rows] == list(zip(frame["uid"].astype(int), frame["iid"].astype(int)))
+    assert all(set(r) == {"uid", "iid", "prediction"} and r["prediction"].strip() for r in rows)
+
+
+def test_headline_summaries_agree_with_each_other():
+    metrics = json.loads((RESULTS / "metrics.json").read_text())["explanations"]
+    paired = json.loads((RESULTS / "vs_release.json").read_text())
+    assert metrics["n"] == paired["n"] == 329
+    assert abs(metrics["bertscore_f1"] - paired["a"]["bertscore_f1"]) < 1e-6
+    assert abs(paired["b"]["bertscore_f1"] - 0.6206) < 1e-4  # XRec's released predictions on the same records
+    swap = json.loads((RESULTS / "swap.json").read_text())
+    assert swap["n"] == 329 and swap["embedding_source"] == "graph"
