@@ -126,7 +126,8 @@ def evaluate(
     """
     import json
 
-    from xrec_pl.tools.evaluate import compare_against, evaluate_files
+    from xrec_pl.tools.compare import compare_against
+    from xrec_pl.tools.evaluate import evaluate_files
 
     chosen = [m.lower().replace("-", "_") for m in (metrics or ["usr", "bertscore"])]
     options: dict[str, Any] = {

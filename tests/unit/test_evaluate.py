@@ -10,14 +10,8 @@ import pytest
 
 from tests.unit.test_metrics import FakeScorer
 from xrec_pl.errors import DataError
-from xrec_pl.tools.evaluate import (
-    compare_against,
-    compare_files,
-    evaluate,
-    evaluate_files,
-    load_texts,
-    split_metric_kwargs,
-)
+from xrec_pl.tools.compare import compare_against, compare_files
+from xrec_pl.tools.evaluate import evaluate, evaluate_files, load_texts, split_metric_kwargs
 
 PREDS = ["the book is fun", "a dark thriller", "romance and drama", "cooking at home"]
 REFS = ["a fun book", "a thriller, dark", "drama with romance", "home cooking"]
