@@ -107,17 +107,22 @@ def _check_config_files(argv: list[str]) -> None:
 def constructor_error(err: BaseException, roots: tuple[str, ...]) -> str | None:
     """``Class: message`` for a ValueError/TypeError raised by a constructor in the project's code, else None.
 
-    A constructor's own argument check (``batch_size must be positive``) is bad input; the same exception raised
-    anywhere else is a bug and keeps its traceback.
+    A constructor's own argument check (``batch_size must be positive``), or a check method of the project that the
+    constructor called, is bad input; the same exception raised anywhere else (or inside third-party code) is a bug
+    and keeps its traceback.
     """
     for exc in causes(err):
         if not isinstance(exc, (ValueError, TypeError)) or exc.__traceback__ is None:
             continue
+        frames = []
         tb = exc.__traceback__
-        while tb.tb_next is not None:
+        while tb is not None:
+            frames.append(tb.tb_frame)
             tb = tb.tb_next
-        frame = tb.tb_frame
-        in_project = any(part in roots for part in Path(frame.f_code.co_filename).parts[-3:-1])
-        if in_project and frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
-            return f"{type(frame.f_locals['self']).__name__}: {exc}"
+        # from the raising frame outwards, through the project's own code only: a constructor, or a check it called
+        for frame in reversed(frames):
+            if not any(part in roots for part in Path(frame.f_code.co_filename).parts[-3:-1]):
+                break
+            if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+                return f"{type(frame.f_locals['self']).__name__}: {exc}"
     return None

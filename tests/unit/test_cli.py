@@ -139,3 +139,36 @@ def test_explicit_checkpoint_file_follows_the_same_rule_as_last(tmp_path, capsys
     assert code == 0  # LightGCN's layer count has no weights: the command line's value is the one that ran
     latest = max((root / "logs").glob("version_*/config.yaml"), key=lambda p: int(p.parent.name.split("_")[1]))
     assert "num_layers: 2" in latest.read_text()
+
+
+class _Checked:
+    def __init__(self, lr: float) -> None:
+        self._check(lr)
+
+    def _check(self, lr: float) -> None:
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+
+
+class _CallsLibrary:
+    def __init__(self) -> None:
+        import json
+
+        json.loads("{")  # a ValueError raised inside third-party code: a bug, not bad input
+
+
+def test_constructor_error_accepts_checks_a_constructor_calls_and_nothing_else():
+    from xrec_pl.error_lines import constructor_error
+
+    try:
+        _Checked(-1.0)
+    except ValueError as err:
+        assert constructor_error(err, ("unit",)) == "_Checked: lr must be positive, got -1.0"
+    try:
+        _CallsLibrary()
+    except ValueError as err:
+        assert constructor_error(err, ("unit",)) is None
+    try:
+        _Checked.__new__(_Checked)._check(-2.0)  # the check alone, not called by a constructor
+    except ValueError as err:
+        assert constructor_error(err, ("unit",)) is None
