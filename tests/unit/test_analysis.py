@@ -291,3 +291,28 @@ def test_analyze_never_runs_code_from_a_planted_checkpoint(tmp_path, capsys, par
     err = capsys.readouterr().err.strip().splitlines()
     assert not marker.exists()
     assert len(err) == 1 and "last.ckpt" in err[0] and "Traceback" not in err[0]
+
+
+def test_analyze_refuses_a_run_another_process_holds(runs, tmp_path):
+    """A run being trained or analysed by another process: one line naming it, nothing written."""
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"  # a copy: this process may hold the fixture runs' locks from other tests
+    shutil.copytree(runs["fixed"], run, ignore=shutil.ignore_patterns(".xrec-pl.lock"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from xrec_pl.run_lock import lock_run_folder; lock_run_folder({str(run)!r}); "
+         "print('held', flush=True); import time; time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in (run / "analysis").glob("*")) if (run / "analysis").exists() else []
+        with pytest.raises(DataError, match=str(holder.pid)):
+            analyze(str(run), parts=["swap"], limit=2)
+        after = sorted(p.name for p in (run / "analysis").glob("*")) if (run / "analysis").exists() else []
+        assert after == before
+    finally:
+        holder.kill()
+        holder.wait()

@@ -87,6 +87,9 @@ def analyze(
         torch.set_num_threads(int(threads))
     run_dir = Path(run)
     ckpt = find_checkpoint(run_dir, checkpoint)
+    from xrec_pl.run_lock import lock_run_folder
+
+    lock_run_folder(run_dir)  # not while another process trains or analyses this run (it writes RUN/analysis/)
     out_dir = run_dir / "analysis"
     results: dict[str, Any] = {}
     context = {
