@@ -101,3 +101,30 @@ def test_tool_configs_parse(config):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "-c", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
+
+
+def _callbacks(config: Path) -> list[dict]:
+    import yaml
+
+    trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
+    return [cb for cb in trainer.get("callbacks") or [] if isinstance(cb, dict)]
+
+
+@pytest.mark.parametrize("config", STAGE1 + STAGE2, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_monitored_checkpoints_are_taken_at_validation(config):
+    """A ``ModelCheckpoint`` that ranks by a validation metric must save when that metric is fresh.
+
+    Saved every N steps instead, it scores weights by the value the previous validation logged (Lightning keeps it in
+    ``callback_metrics``): from the second epoch on, the "best" checkpoint that test and predict load can be weights
+    from the middle of an epoch, and the weights at a validation are never ranked. Resumption saves (``last.ckpt``)
+    belong to ``PeriodicCheckpoint``.
+    """
+    for cb in _callbacks(config):
+        if not str(cb.get("class_path", "")).endswith("ModelCheckpoint"):
+            continue
+        args = cb.get("init_args") or {}
+        if args.get("monitor"):
+            stale = [k for k in ("every_n_train_steps", "train_time_interval") if args.get(k)]
+            assert not stale, (
+                f"{config.name}: monitored checkpoint saved by {stale}, ranked by a stale {args['monitor']}"
+            )
