@@ -129,6 +129,10 @@ class ExplanationMetricsCallback(Callback):
     def subset(self, datamodule: Any) -> list[int]:
         """The fixed subset of record indices for this split (drawn once)."""
         if self._subset is None:
+            if hasattr(datamodule, "subset_rows"):  # the rows the DataModule evaluates on (its ``eval_subset``)
+                rows = [int(r) for r in datamodule.subset_rows(self.split)]
+                self._subset = [rows[i] for i in select_subset(len(rows), self.num_samples, self.seed)]
+                return self._subset
             if hasattr(datamodule, "num_records"):
                 n = int(datamodule.num_records(self.split))
             else:  # fall back on the size of the full generation loader's dataset

@@ -187,7 +187,8 @@ class ExplanationDataModule(pl.LightningDataModule):
 
     def subset_rows(self, split: str) -> np.ndarray:
         """Row numbers of ``split`` the loaders use: the rows set by :meth:`use_rows`, else the seeded subset
-        (``train_subset`` / ``eval_subset``), else every row."""
+        (``train_subset`` / ``eval_subset``), else every row. ``split``: ``trn``/``train``, ``val``, ``tst``/``test``."""
+        split = _split_name(split)
         if split in self._fixed_rows:
             return self._fixed_rows[split]
         n = len(self.split_records(split))

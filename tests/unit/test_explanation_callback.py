@@ -205,3 +205,22 @@ def test_submodule_modes_are_restored(tmp_path):
 
     trainer = _trainer(tmp_path, max_epochs=2, num_sanity_val_steps=0, callbacks=[_callback()])
     trainer.fit(WithFrozen(), datamodule=FakeDataModule())
+
+
+def test_subset_is_drawn_from_the_datamodules_eval_subset(synthetic_dir, tiny_tokenizer):
+    """``--data.eval_subset`` bounds the generated records too; without it the draw is the one over all records."""
+    from data_modules.explanations import ExplanationDataModule
+
+    small = ExplanationDataModule(str(synthetic_dir), eval_subset=6, tokenizer=tiny_tokenizer)
+    small.setup("fit")
+    rows = small.subset_rows("val").tolist()
+    drawn = ExplanationMetricsCallback(num_samples=16, metrics=["usr"]).subset(small)
+    assert sorted(drawn) == sorted(rows) and len(drawn) == 6
+    assert ExplanationMetricsCallback(num_samples=4, metrics=["usr"]).subset(small) == [
+        rows[i] for i in select_subset(6, 4, 0)
+    ]
+
+    full = ExplanationDataModule(str(synthetic_dir), tokenizer=tiny_tokenizer)
+    full.setup("fit")
+    n = full.num_records("val")
+    assert ExplanationMetricsCallback(num_samples=16, metrics=["usr"]).subset(full) == select_subset(n, 16, 0)
