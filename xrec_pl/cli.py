@@ -37,6 +37,7 @@ TOOL_COMMANDS = (
     "analyze",
     "hardware",
     "init",
+    "baselines",
 )
 
 
@@ -101,6 +102,7 @@ def evaluate(
     judge_prompt: str = "default",
     against: str | None = None,
     against_references: str | None = None,
+    specificity: bool = False,
 ) -> dict:
     """Score a prediction file against its references and print one JSON object.
 
@@ -123,6 +125,8 @@ def evaluate(
         against: Another system's predictions (JSONL or pickled list, any order): score both and test the paired
             difference (ours - theirs) per metric, pairing by reference text (e.g. XRec's released ``tst_pred.pkl``).
         against_references: References of ``against`` when they are not inside it (the release's ``tst_ref.pkl``).
+        specificity: Also score each prediction against another record's reference (a seeded derangement) and
+            test the paired difference: the record-specific part of each score (key ``specificity``).
     """
     import json
 
@@ -142,13 +146,37 @@ def evaluate(
     }
     if batch_size is not None:
         options.update({f"{m}_batch_size": batch_size for m in chosen if m != "usr"})
-    if against is not None:
+    if specificity and against is not None:
+        raise ConfigError("--specificity: not with --against (run it on each system's own file)")
+    if specificity:
+        result = _evaluate_with_specificity(predictions, references, chosen, output, records, options)
+    elif against is not None:
         result = compare_against(
             predictions, against, references, against_references, chosen, output, records, **options
         )
     else:
         result = evaluate_files(predictions, references, metrics=chosen, output=output, records=records, **options)
     sys.stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def _evaluate_with_specificity(
+    predictions: str, references: str | None, metrics: list[str], output: str | None, records: str | None, options: dict
+) -> dict:
+    from xrec_pl.outputs import check_output_file
+    from xrec_pl.tools.evaluate import evaluate_files, load_pair, restrict_to_records
+    from xrec_pl.tools.floors import specificity
+    from xrec_pl.utils import dump_json
+
+    if output is not None:
+        check_output_file(output, "--output", [predictions, references, records])
+    result = evaluate_files(predictions, references, metrics=metrics, records=records, per_sample=True, **options)
+    preds, refs, _ = load_pair(predictions, references)
+    if records is not None:
+        preds, refs, _ = restrict_to_records(preds, refs, records)
+    result["specificity"] = specificity(preds, refs, metrics, own=result.pop("per_sample"), **options)
+    if output is not None:
+        dump_json(output, result)
     return result
 
 
@@ -188,6 +216,7 @@ def _tool_functions() -> dict[str, Any]:
     from xrec_pl.tools.analysis import analyze
     from xrec_pl.tools.bench import bench
     from xrec_pl.tools.experiment import experiment
+    from xrec_pl.tools.floors import baselines
     from xrec_pl.tools.hardware import hardware
     from xrec_pl.tools.pipeline import pipeline
 
@@ -201,6 +230,7 @@ def _tool_functions() -> dict[str, Any]:
         "analyze": analyze,
         "hardware": hardware,
         "init": init,
+        "baselines": baselines,
     }
 
 
@@ -216,6 +246,7 @@ Tools:
   convert         convert an XRec folder's pickles to parquet/jsonl once
   bench           benchmarks against reference-style implementations
   experiment      run an ablation suite over seeds and write a report
+  baselines       scores of explanations no model wrote (training medoid, same item / user), for scale
   analyze         embedding-swap test, soft-prompt analysis, outlier buckets of a trained stage-2 run
   init DIR        write the shipped configs into DIR/configs to edit (never overwrites)
   hardware        computed GPU memory / host RAM table for Llama-2-7B, Llama-3-8B, SmolLM2 (no download)
