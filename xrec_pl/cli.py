@@ -4,8 +4,8 @@ Two families of commands share one entry point:
 
 * ``fit``, ``validate``, ``test``, ``predict``: LightningCLI over any of the project's LightningModules and
   DataModules, chosen by ``class_path`` in the YAML config (``xrec-pl fit -c configs/stage1/synthetic.yaml``).
-* tools: ``pipeline``, ``evaluate``, ``make-synthetic``, ``convert``, ``bench``, ``experiment``, ``analyze`` (jsonargparse
-  functions; each takes ``--config`` too).
+* tools: ``pipeline``, ``evaluate``, ``make-synthetic``, ``prepare-data``, ``convert``, ``bench``, ``experiment``,
+  ``analyze`` (jsonargparse functions; each takes ``--config`` too).
 
 Bad input (``DataError``, ``ConfigError``) ends the program with one line on stderr and exit code 2.
 
@@ -31,6 +31,7 @@ TOOL_COMMANDS = (
     "pipeline",
     "evaluate",
     "make-synthetic",
+    "prepare-data",
     "convert",
     "bench",
     "experiment",
@@ -219,11 +220,13 @@ def _tool_functions() -> dict[str, Any]:
     from xrec_pl.tools.floors import baselines
     from xrec_pl.tools.hardware import hardware
     from xrec_pl.tools.pipeline import pipeline
+    from xrec_pl.tools.prepare_data import prepare_data
 
     return {
         "pipeline": pipeline,
         "evaluate": evaluate,
         "make-synthetic": make_synthetic,
+        "prepare-data": prepare_data,
         "convert": convert,
         "bench": bench,
         "experiment": experiment,
@@ -243,6 +246,7 @@ Tools:
   pipeline        stage 1 -> stage 2 -> predict -> score, into one run folder
   evaluate        score a prediction file (BERTScore, USR, BLEURT, BARTScore, LLM judge)
   make-synthetic  write the deterministic synthetic XRec-format dataset
+  prepare-data    check a folder of XRec's release and write it complete (rebuilds the files it lacks)
   convert         convert an XRec folder's pickles to parquet/jsonl once
   bench           benchmarks against reference-style implementations
   experiment      run an ablation suite over seeds and write a report

@@ -102,6 +102,10 @@ def pipeline(ctx: Ctx, *extra: str) -> list[str]:
     ]
 
 
+def prepare_data(ctx: Ctx) -> list[str]:
+    return ["prepare-data", "--source", str(ctx.data), "--out", str(ctx.run)]
+
+
 def _preds(ctx: Ctx) -> Path:
     path = ctx.tmp / "predictions.jsonl"
     if not path.exists():
@@ -509,6 +513,7 @@ CONFIG_COMMANDS: dict[str, Callable[[Ctx, str], list[str]]] = {
     "convert": lambda c, cfg: ["convert", "-c", cfg],
     "make-synthetic": lambda c, cfg: ["make-synthetic", "-c", cfg],
     "bench": lambda c, cfg: ["bench", "-c", cfg],
+    "prepare-data": lambda c, cfg: ["prepare-data", "-c", cfg],
 }
 CONFIG_FILES: dict[str, tuple[bytes | None, str]] = {
     "missing": (None, "not found"),
@@ -538,6 +543,13 @@ CASES: list[Case] = [
     *(_config_case(cmd, kind) for cmd in CONFIG_COMMANDS for kind in CONFIG_FILES),
     *(Case(f"data-s1-{n}", lambda c: s1_fit(c), lambda c, w=w: w, p) for n, p, w in DATA_FAULTS),
     *(Case(f"data-pipeline-{n}", lambda c: pipeline(c), lambda c, w=w: w, p) for n, p, w in DATA_FAULTS[:6]),
+    *(
+        Case(f"data-prepare-{n}", prepare_data, lambda c, w=w: w, p)
+        for n, p, w in DATA_FAULTS + TEXT_FAULTS + PREDICT_FAULTS
+        # prepare-data rebuilds the first two (the release lacks them); all-items-user is refused as well, but first
+        # as a total_trn.csv that disagrees with para_dict (tests/unit/test_prepare_data.py has it alone)
+        if n not in ("missing-para-dict", "missing-split", "all-items-user")
+    ),
     *(Case(f"data-s2-{n}", lambda c: s2("fit", c), lambda c, w=w: w, p) for n, p, w in TEXT_FAULTS),
     *(Case(f"data-s2-predict-{n}", lambda c: s2("predict", c), lambda c, w=w: w, p) for n, p, w in PREDICT_FAULTS),
     *(Case(f"emb-{n}", _graph_s2, lambda c, w=w: w, p) for n, p, w in EMB_FAULTS),

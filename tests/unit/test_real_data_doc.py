@@ -11,7 +11,7 @@ import pytest
 from xrec_pl.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
-PARSED = ("fit", "predict", "pipeline", "evaluate", "hardware", "convert")
+PARSED = ("fit", "predict", "pipeline", "evaluate", "hardware", "convert", "prepare-data")
 
 
 def _commands(path: Path) -> list[list[str]]:
@@ -36,7 +36,7 @@ COMMANDS = [cmd for doc in (ROOT / "docs/REAL_DATA.md", ROOT / "README.md") for 
 
 def test_the_docs_have_the_commands():
     kinds = {next(w for w in cmd if not w.startswith("-")) for cmd in COMMANDS}
-    assert {"fit", "predict", "pipeline", "evaluate", "hardware"} <= kinds
+    assert {"fit", "predict", "pipeline", "evaluate", "hardware", "prepare-data"} <= kinds
     assert sum("--online" in cmd for cmd in COMMANDS) >= 8
     assert any("configs/stage2/llama3_8b.yaml" in cmd for cmd in COMMANDS)
 

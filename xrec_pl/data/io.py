@@ -131,7 +131,19 @@ def read_interactions(data_dir: str | os.PathLike, split: str, num_users: int, n
             or no rows.
     """
     _check_split(split)
-    path = Path(data_dir) / f"total_{split}.csv"
+    return read_interaction_csv(Path(data_dir) / f"total_{split}.csv", num_users, num_items)
+
+
+def read_interaction_csv(path: str | os.PathLike, num_users: int | None, num_items: int | None) -> np.ndarray:
+    """Read one interaction CSV (columns ``user,item``) as an ``(N, 2)`` int64 array of ``[user, item]`` rows.
+
+    The checks of :func:`read_interactions`; a bound of ``None`` only requires ids >= 0 (e.g. XRec's ``total.csv``,
+    read before the graph's size is known).
+
+    Raises:
+        DataError: as :func:`read_interactions`.
+    """
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -148,7 +160,8 @@ def read_interactions(data_dir: str | os.PathLike, split: str, num_users: int, n
     if len(df) == 0:
         raise DataError(f"{path}: no interactions")
     pairs = np.empty((len(df), 2), dtype=np.int64)  # (N, 2)
-    for j, (col, bound) in enumerate((("user", num_users), ("item", num_items))):
+    for j, (col, limit) in enumerate((("user", num_users), ("item", num_items))):
+        bound = "inf" if limit is None else limit
         text = df[col].str.strip()
         integer = text.str.fullmatch(r"-?\d{1,18}").to_numpy(dtype=bool)
         if not integer.all():
@@ -158,14 +171,15 @@ def read_interactions(data_dir: str | os.PathLike, split: str, num_users: int, n
                 f"ids are integers in [0, {bound})"
             )
         arr = pd.to_numeric(text).to_numpy(dtype=np.int64)
-        bad_rows = np.flatnonzero((arr < 0) | (arr >= bound))
+        bad_rows = np.flatnonzero((arr < 0) | ((arr >= limit) if limit is not None else False))
         if bad_rows.size:
             first = int(bad_rows[0])
             raise DataError(
                 f"{path}: {bad_rows.size} {col} id(s) outside [0, {bound}), first {arr[first]} on line {first + 2}"
             )
         pairs[:, j] = arr
-    n_unique = np.unique(pairs[:, 0] * np.int64(num_items) + pairs[:, 1]).size
+    width = np.int64(num_items if num_items is not None else pairs[:, 1].max() + 1)
+    n_unique = np.unique(pairs[:, 0] * width + pairs[:, 1]).size
     if n_unique < len(pairs):
         log.info("%s: %d duplicate interaction row(s) of %d", path, len(pairs) - n_unique, len(pairs))
     return pairs
