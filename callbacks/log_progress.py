@@ -56,12 +56,17 @@ def _of(done: int, total: float, unit: str = "") -> str:
 
 
 class _Loop:
-    """Clock and batch counter of one running loop (an epoch of training, a validation, a test or a predict run)."""
+    """Clock and batch counter of one running loop (an epoch of training, a validation, a test or a predict run).
 
-    def __init__(self, name: str, total: float) -> None:
+    ``base``: batches already done when the clock started (an epoch resumed in its middle); rate and ETA count
+    only the batches run since.
+    """
+
+    def __init__(self, name: str, total: float, base: int = 0) -> None:
         self.name = name
         self.total = total
-        self.done = 0
+        self.base = base
+        self.done = base
         self.start = time.monotonic()
 
     def elapsed(self) -> float:
@@ -69,12 +74,15 @@ class _Loop:
 
     def rate(self, unit: str = "step") -> str:
         """Seconds per step (or other ``unit``) so far (``-`` before the first)."""
-        return f"{self.elapsed() / self.done:.3g} s/{unit.rstrip('s')}" if self.done else f"- s/{unit.rstrip('s')}"
+        unit = unit.rstrip("s")
+        run = self.done - self.base
+        return f"{self.elapsed() / run:.3g} s/{unit}" if run > 0 else f"- s/{unit}"
 
     def eta(self) -> str:
-        if not self.done or not math.isfinite(self.total):
+        run = self.done - self.base
+        if run <= 0 or not math.isfinite(self.total):
             return "ETA ?"
-        return f"ETA {_hms(self.elapsed() / self.done * max(self.total - self.done, 0))}"
+        return f"ETA {_hms(self.elapsed() / run * max(self.total - self.done, 0))}"
 
 
 class LogProgress(ProgressBar):
@@ -205,6 +213,12 @@ class LogProgress(ProgressBar):
             loop.eta(),
             self._metrics(trainer, pl_module),
         )
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._train is None:  # an epoch resumed in its middle: Lightning calls no on_train_epoch_start
+            self._train = _Loop("train", _total(self.total_train_batches), base=batch_idx)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -8,7 +8,7 @@ import re
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.log_progress import LogProgress
@@ -59,10 +59,16 @@ class _Regression(pl.LightningModule):
 
 def _fit(tmp_path, bar: ProgressBar, module: pl.LightningModule | None = None, **kw) -> pl.Trainer:
     fit_kwargs = kw.pop("fit_kwargs", {})
-    options = {"max_epochs": 2, "num_sanity_val_steps": 1, **kw, "callbacks": [bar, *kw.get("callbacks", [])]}
+    callbacks = [bar, *kw.pop("callbacks", [])]
+    options = {
+        "max_epochs": 2,
+        "num_sanity_val_steps": 1,
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    }
+    options.update(kw)
     trainer = pl.Trainer(
-        accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-        enable_model_summary=False, **options,
+        accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_model_summary=False, callbacks=callbacks,
+        **options,
     )  # fmt: skip
     trainer.fit(module or _Regression(), **fit_kwargs)
     return trainer
@@ -102,6 +108,24 @@ def test_interval_limits_the_periodic_lines(tmp_path, capsys):
     assert not any(STEP_LINE.match(line) for line in lines)  # no periodic line within the hour
     assert sum(" done, 6/6 steps" in line for line in lines) == 2  # but every epoch's end
     assert lines[-1].startswith("[xrec-pl] fit: end after 2 epochs")
+
+
+def test_an_epoch_resumed_in_its_middle_is_counted_on(tmp_path, capsys):
+    """Lightning calls no on_train_epoch_start for an epoch resumed mid-way: its steps and end still get lines."""
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=9, save_top_k=-1, filename="{step}")
+    _fit(tmp_path, LogProgress(every_s=3600), num_sanity_val_steps=0, callbacks=[saver])
+    capsys.readouterr()
+    _fit(
+        tmp_path,
+        LogProgress(every_s=0),
+        num_sanity_val_steps=0,
+        fit_kwargs={"ckpt_path": tmp_path / "ckpt" / "step=9.ckpt"},
+    )
+    lines = capsys.readouterr().err.splitlines()
+    assert "[xrec-pl] fit: training from epoch 2/2, 6 steps per epoch | global step 9" in lines
+    steps = [(int(m[1]), int(m[2]), int(m[4])) for m in map(STEP_LINE.match, lines) if m]
+    assert steps == [(2, 4, 10), (2, 5, 11), (2, 6, 12)]
+    assert any(line.startswith("[xrec-pl] fit: epoch 2/2 done, 6/6 steps | global step 12") for line in lines)
 
 
 def test_disabled_bar_and_explicit_stream(tmp_path, capsys):
