@@ -14,7 +14,7 @@ and, when a ``WandbLogger`` is attached, a ``wandb.Table`` of the first ``max_ta
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -141,16 +141,24 @@ class ExplanationMetricsCallback(Callback):
         return self._subset
 
     def generate_and_score(
-        self, module: ExplanationGenerator, datamodule: Any, rank: int = 0, world_size: int = 1
+        self,
+        module: ExplanationGenerator,
+        datamodule: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        progress: Callable[[int, int], None] | None = None,
     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Generate for this rank's shard, update the metrics, compute (synced under DDP) and reset them.
 
-        Returns the scores (identical on every rank) and this rank's sample rows.
+        ``progress(done, total)`` (if given) is called with this rank's records generated, before and after each
+        batch. Returns the scores (identical on every rank) and this rank's sample rows.
         """
         shard = shard_indices(self.subset(datamodule), rank, world_size)
         kwargs = {} if self.batch_size is None else {"batch_size": self.batch_size}
         rows: list[dict[str, Any]] = []
         metrics = self.build_metrics()
+        if progress is not None:
+            progress(0, len(shard))
         for batch in datamodule.generation_dataloader(split=self.split, indices=shard, **kwargs):
             predictions = list(module.generate_explanations(batch))
             references = list(batch["reference"])
@@ -163,6 +171,8 @@ class ExplanationMetricsCallback(Callback):
             iids = _as_list(batch.get("item_id"), len(ids))
             for i, u, it, p, r in zip(ids, uids, iids, predictions, references):
                 rows.append({"index": int(i), "uid": u, "iid": it, "prediction": p, "reference": r})
+            if progress is not None:
+                progress(len(rows), len(shard))
         scores: dict[str, float] = {}
         for metric in metrics.values():
             scores.update(metric.compute())  # every rank joins the gather
@@ -192,7 +202,9 @@ class ExplanationMetricsCallback(Callback):
         modes = [(m, m.training) for m in pl_module.modules()]
         pl_module.eval()
         try:
-            scores, rows = self.generate_and_score(pl_module, datamodule, trainer.global_rank, trainer.world_size)
+            scores, rows = self.generate_and_score(
+                pl_module, datamodule, trainer.global_rank, trainer.world_size, self._progress(trainer)
+            )
         finally:
             for module, mode in modes:
                 module.training = mode
@@ -203,6 +215,13 @@ class ExplanationMetricsCallback(Callback):
         rows = self._gather_rows(trainer, rows)
         if trainer.is_global_zero:
             self._write(trainer, rows)
+
+    def _progress(self, trainer: pl.Trainer) -> Callable[[int, int], None] | None:
+        """Generation progress for a progress bar that takes it (``LogProgress.note_progress``), else ``None``."""
+        note = getattr(getattr(trainer, "progress_bar_callback", None), "note_progress", None)
+        if note is None:
+            return None
+        return lambda done, total: note(f"{self.prefix} generation", done, total, unit="records")
 
     def _gather_rows(self, trainer: pl.Trainer, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():

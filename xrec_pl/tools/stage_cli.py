@@ -85,6 +85,18 @@ def place_run_outputs(trainer_cfg: Any, *, subcommand: str | None, ckpt_path: st
     return root
 
 
+def wants_log_progress(enable_progress_bar: bool | None, callbacks: list[Any]) -> bool:
+    """Whether a stage's Trainer gets ``LogProgress``: bars not switched off, none configured, and
+    :func:`xrec_pl.progress.log_progress_wanted` (stderr is a file or pipe, not under ``CI``)."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from xrec_pl.progress import log_progress_wanted
+
+    if enable_progress_bar is False or any(isinstance(cb, ProgressBar) for cb in callbacks):
+        return False
+    return log_progress_wanted()
+
+
 class XrecSaveConfig(SaveConfigCallback):
     """Save the resolved config beside the logs (a new versioned folder per run) and into the W&B run config.
 
@@ -146,6 +158,25 @@ class XrecCLI(LightningCLI):
             checkpoint = safe_torch_load(ckpt_path, "checkpoint")
             if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
                 raise DataError(f"{ckpt_path}: not a Lightning checkpoint (no state_dict)")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The Trainer, with ``callbacks.log_progress.LogProgress`` in place of Lightning's bar in a log file.
+
+        Added only where :func:`xrec_pl.progress.log_progress_wanted` says so (stderr is no terminal, not under
+        ``CI``), the progress bar is not off (``trainer.enable_progress_bar: false``) and no progress bar is in the
+        config's callbacks; ``XREC_PROGRESS_EVERY`` sets its interval.
+        """
+        trainer_cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = _items(trainer_cfg.get("callbacks"))
+        if wants_log_progress(trainer_cfg.get("enable_progress_bar"), [*callbacks, *self._defaults()]):
+            from callbacks.log_progress import LogProgress
+            from xrec_pl.progress import log_progress_every
+
+            kwargs["callbacks"] = [*callbacks, LogProgress(every_s=log_progress_every())]
+        return super().instantiate_trainer(**kwargs)
+
+    def _defaults(self) -> list[Any]:
+        return _items((self.trainer_defaults or {}).get("callbacks"))
 
     def before_fit(self) -> None:
         # the W&B run id goes into every checkpoint, and a resumed fit reopens the checkpoint's run
