@@ -39,6 +39,7 @@ TOOL_COMMANDS = (
     "hardware",
     "init",
     "baselines",
+    "export",
 )
 
 
@@ -217,6 +218,7 @@ def _tool_functions() -> dict[str, Any]:
     from xrec_pl.tools.analysis import analyze
     from xrec_pl.tools.bench import bench
     from xrec_pl.tools.experiment import experiment
+    from xrec_pl.tools.export import export
     from xrec_pl.tools.floors import baselines
     from xrec_pl.tools.hardware import hardware
     from xrec_pl.tools.pipeline import pipeline
@@ -234,6 +236,7 @@ def _tool_functions() -> dict[str, Any]:
         "hardware": hardware,
         "init": init,
         "baselines": baselines,
+        "export": export,
     }
 
 
@@ -252,6 +255,7 @@ Tools:
   experiment      run an ablation suite over seeds and write a report
   baselines       scores of explanations no model wrote (training medoid, same item / user), for scale
   analyze         embedding-swap test, soft-prompt analysis, outlier buckets of a trained stage-2 run
+  export          a trained stage-2 run's adapters as safetensors + JSON (peft arms: peft's own layout)
   init DIR        write the shipped configs into DIR/configs to edit (never overwrites)
   hardware        computed GPU memory / host RAM table for Llama-2-7B, Llama-3-8B, SmolLM2 (no download)
 

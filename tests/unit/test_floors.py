@@ -12,22 +12,10 @@ from tests.unit.test_metrics import FakeScorer
 from xrec_pl.cli import _evaluate_with_specificity, main
 from xrec_pl.data.io import read_records
 from xrec_pl.errors import DataError
-from xrec_pl.tools.floors import baselines, derangement, floor_predictions, medoid_text, specificity
+from xrec_pl.tools.floors import baselines, floor_predictions, medoid_text, specificity
 
 REFS = [f"record {i}: " + "abcdefghijklmnopqrstuvwxyz"[i : i + 6] for i in range(12)]
 FAKE = {"bertscore": {"scorer": FakeScorer()}}
-
-
-@pytest.mark.parametrize("n", [2, 3, 10, 329])
-def test_derangement_moves_every_record_and_is_seeded(n):
-    perm = derangement(n, seed=3)
-    assert sorted(perm) == list(range(n))
-    assert all(perm[i] != i for i in range(n))
-    assert perm == derangement(n, seed=3)
-    if n > 3:
-        assert perm != derangement(n, seed=4)
-    with pytest.raises(ValueError):
-        derangement(1)
 
 
 def test_specificity_separates_record_specific_from_constant_predictions():

@@ -27,19 +27,7 @@ import numpy as np
 
 from xrec_pl.errors import DataError
 
-__all__ = ["baselines", "derangement", "floor_predictions", "medoid_text", "specificity"]
-
-
-def derangement(n: int, seed: int = 0) -> list[int]:
-    """A seeded permutation of ``range(n)`` without fixed points (one cycle, Sattolo's shuffle); ``n >= 2``."""
-    if n < 2:
-        raise ValueError(f"a derangement needs at least 2 items, got {n}")
-    rng = np.random.default_rng(seed)
-    perm = list(range(n))
-    for i in range(n - 1, 0, -1):
-        j = int(rng.integers(0, i))  # j < i: every element leaves its place
-        perm[i], perm[j] = perm[j], perm[i]
-    return perm
+__all__ = ["baselines", "floor_predictions", "medoid_text", "specificity"]
 
 
 def specificity(
@@ -70,6 +58,7 @@ def specificity(
         compare_paired(own, shuffled)}}``; ``tests[key]["mean_diff"]`` is the record-specific part of the score.
     """
     from xrec_pl.metrics.significance import compare_scores
+    from xrec_pl.tools.analysis.swap import derangement
     from xrec_pl.tools.evaluate import evaluate
 
     predictions, references = list(predictions), list(references)
@@ -77,7 +66,7 @@ def specificity(
         raise DataError(f"specificity: {len(predictions)} predictions but {len(references)} references")
     if len(references) < 2:
         raise DataError("specificity: needs at least 2 records (a prediction is compared with another's reference)")
-    perm = derangement(len(references), seed)
+    perm = derangement(len(references), seed).tolist()  # one cycle: no record keeps its own reference
     other = [references[j] for j in perm]
     if own is None:
         own = evaluate(predictions, references, metrics, per_sample=True, **metric_kwargs)["per_sample"]
