@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 RESULTS = REPO_ROOT / "results" / "amazon-headline"
 
 
-def test_headline_predictions_follow_the_test_split(amazon_dir):
+COMMITTED = sorted((REPO_ROOT / "results").rglob("predictions.jsonl"))
+
+
+def test_there_are_committed_predictions():
+    assert RESULTS / "predictions.jsonl" in COMMITTED and len(COMMITTED) >= 5
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: str(p.parent.relative_to(REPO_ROOT / "results")))
+def test_committed_predictions_follow_the_test_split(amazon_dir, path):
     from xrec_pl.data.io import safe_load_pickle
 
-    rows = [json.loads(line) for line in (RESULTS / "predictions.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     frame = safe_load_pickle(amazon_dir / "tst.pkl")
     assert len(rows) == len(frame) == 329
     assert [(r["uid"], r["iid"]) for r in rows] == list(zip(frame["uid"].astype(int), frame["iid"].astype(int)))
@@ -30,5 +40,7 @@ def test_headline_summaries_agree_with_each_other():
     assert metrics["n"] == paired["n"] == 329
     assert abs(metrics["bertscore_f1"] - paired["a"]["bertscore_f1"]) < 1e-6
     assert abs(paired["b"]["bertscore_f1"] - 0.6206) < 1e-4  # XRec's released predictions on the same records
+    floors = json.loads((REPO_ROOT / "results" / "amazon-floors" / "medoid_vs_release.json").read_text())
+    assert abs(floors["b"]["bertscore_f1"] - paired["b"]["bertscore_f1"]) < 1e-6  # the same release, the same records
     swap = json.loads((RESULTS / "swap.json").read_text())
     assert swap["n"] == 329 and swap["embedding_source"] == "graph"
