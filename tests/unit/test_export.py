@@ -64,6 +64,11 @@ def test_export_refuses_what_it_cannot_write_or_read(runs, tmp_path, capsys):
     assert (out / WEIGHTS_FILE).read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    assert main(["export", "--run", str(runs["fixed"]), "--out", str(tmp_path / "link")]) == 2
+    assert "is a link" in capsys.readouterr().err and not any((tmp_path / "elsewhere").iterdir())
+
     with pytest.raises(LLMLoadError, match="does not match"):
         load_exported(out, llm="tiny-random")  # trained on tiny-random-gqa
 

@@ -82,6 +82,8 @@ def export_adapters(
     from xrec_pl.models.llm import get_llm_info
 
     out = Path(out_dir)
+    if out.is_symlink():
+        raise DataError(f"--out {out}: is a link; give a plain folder path")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"--out {out}: exists and is not an empty folder; export never overwrites")
     if not net.trains_anything:

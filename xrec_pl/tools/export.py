@@ -102,6 +102,8 @@ def export(
 
     run_dir = Path(run)
     target = check_output_dir(out, "--out", [run])
+    if target.is_symlink():
+        raise DataError(f"--out {target}: is a link; give a plain folder path")
     if target.exists() and any(target.iterdir()):
         raise DataError(f"--out {target}: exists and is not empty; export never overwrites")
     ckpt = find_checkpoint(run_dir, checkpoint)
