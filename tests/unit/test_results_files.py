@@ -31,7 +31,9 @@ def test_committed_predictions_follow_the_test_split(amazon_dir, path):
     frame = safe_load_pickle(amazon_dir / "tst.pkl")
     assert len(rows) == len(frame) == 329
     assert [(r["uid"], r["iid"]) for r in rows] == list(zip(frame["uid"].astype(int), frame["iid"].astype(int)))
-    assert all(set(r) == {"uid", "iid", "prediction"} and r["prediction"].strip() for r in rows)
+    assert all(set(r) == {"uid", "iid", "prediction"} and isinstance(r["prediction"], str) for r in rows)
+    empty = sum(not r["prediction"].strip() for r in rows)  # a model's empty output is scored as it is, but rare
+    assert empty <= 2 and (path.parent != RESULTS or empty == 0)
 
 
 def test_headline_summaries_agree_with_each_other():
