@@ -165,17 +165,20 @@ def evaluate(
 def _evaluate_with_specificity(
     predictions: str, references: str | None, metrics: list[str], output: str | None, records: str | None, options: dict
 ) -> dict:
+    """``evaluate_files``' result plus ``specificity``, from one read of the files."""
     from xrec_pl.outputs import check_output_file
-    from xrec_pl.tools.evaluate import evaluate_files, load_pair, restrict_to_records
+    from xrec_pl.tools.evaluate import check_metric_names, evaluate, load_pair, restrict_to_records
     from xrec_pl.tools.floors import specificity
     from xrec_pl.utils import dump_json
 
+    check_metric_names(metrics)
     if output is not None:
         check_output_file(output, "--output", [predictions, references, records])
-    result = evaluate_files(predictions, references, metrics=metrics, records=records, per_sample=True, **options)
-    preds, refs, _ = load_pair(predictions, references)
+    preds, refs, sources = load_pair(predictions, references)
     if records is not None:
-        preds, refs, _ = restrict_to_records(preds, refs, records)
+        preds, refs, dropped = restrict_to_records(preds, refs, records)
+        sources = {**sources, "records": str(records), "pairs_outside_records": str(dropped)}
+    result = evaluate(preds, refs, metrics, per_sample=True, sources=sources, **options)
     result["specificity"] = specificity(preds, refs, metrics, own=result.pop("per_sample"), **options)
     if output is not None:
         dump_json(output, result)

@@ -53,6 +53,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging folder beside ``path`` that becomes ``path`` (absent or empty) only if the block succeeds.
+
+    On an error the staging folder is removed and ``path`` is left as it was. The folder gets a plain ``mkdir``'s
+    mode (``mkdtemp`` makes private ones).
+    """
+    import shutil
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)
+        if out.exists():
+            out.rmdir()  # callers refuse a non-empty folder first
+        staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically and return the path."""
     with atomic_path(path) as tmp:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from xrec_pl.errors import DataError
+from xrec_pl.utils import atomic_folder
 
 __all__ = ["CONFIG_FILE", "EXPORT_FORMAT", "WEIGHTS_FILE", "export_adapters", "load_exported", "read_export_config"]
 
@@ -108,17 +107,9 @@ def export_adapters(
         "tensors": {k: list(v.shape) for k, v in sorted(tensors.items())},
         "arithmetic": ARITHMETIC,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": EXPORT_FORMAT})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from xrec_pl.errors import DataError
+from xrec_pl.utils import atomic_folder
 
 __all__ = ["export"]
 
@@ -57,9 +56,7 @@ def _export_peft(meta: dict[str, Any], checkpoint: Path, out: Path, provenance: 
     module = PeftExplainerModule(**{k: v for k, v in hp.items() if k in accepted})
     module.accept_checkpoint(meta, str(checkpoint))
     module.load_state_dict(meta["state_dict"], strict=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as staging:
         module.llm.save_pretrained(str(staging))
         info = {
             "format": "xrec-pl-peft",
@@ -70,12 +67,6 @@ def _export_peft(meta: dict[str, Any], checkpoint: Path, out: Path, provenance: 
             "trained": provenance,
         }
         (staging / "xrec_peft.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
