@@ -249,6 +249,37 @@ def test_embedded_cache_roundtrip(fake_embedded, tmp_path):
     assert llm_loading.embedded_cache_dir(gguf) != cache
 
 
+def test_embedded_first_load_equals_cached_load_in_bf16(fake_embedded):
+    """The uncached load (decoded in fp32, then cast) gives the model the cached load gives: the rotary frequencies
+    stay float32 in both (a plain ``model.to(bf16)`` rounded them, and a first run on a machine trained differently)."""
+    gguf, slow_loads = fake_embedded
+    cold, _ = load_frozen_llm("embedded", dtype="bfloat16")
+    warm, _ = load_frozen_llm("embedded", dtype="bfloat16")
+    assert len(slow_loads) == 1 and "cached at" in get_llm_info(warm).source
+    cold_buffers, warm_buffers = dict(cold.named_buffers()), dict(warm.named_buffers())
+    assert cold_buffers.keys() == warm_buffers.keys() and any("inv_freq" in k for k in cold_buffers)
+    for name, buf in cold_buffers.items():
+        assert buf.dtype == warm_buffers[name].dtype and torch.equal(buf, warm_buffers[name]), name
+        if "inv_freq" in name:
+            assert buf.dtype == torch.float32, name
+    assert all(p.dtype == torch.bfloat16 for p in cold.parameters()) and cold.config.dtype == torch.bfloat16
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        assert torch.equal(cold(input_ids=ids).logits, warm(input_ids=ids).logits)
+
+
+def test_cast_weights_keeps_non_weight_buffers():
+    model, _ = build_tiny_llm()
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    model = llm_loading.cast_weights(model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    for name, buf in model.named_buffers():
+        assert buf.dtype == before[name].dtype and torch.equal(buf, before[name]), name
+    # what the plain cast does (the bug): the frequencies are rounded
+    rounded = build_tiny_llm()[0].to(torch.bfloat16)
+    assert any(b.dtype == torch.bfloat16 for k, b in rounded.named_buffers() if "inv_freq" in k)
+
+
 def test_embedded_cache_is_best_effort(fake_embedded, tmp_path, monkeypatch, caplog):
     gguf, slow_loads = fake_embedded
     load_frozen_llm("embedded")

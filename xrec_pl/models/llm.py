@@ -36,7 +36,13 @@ from xrec_pl.errors import LLMLoadError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from xrec_pl.models.llm_loading import BUILTIN_LLMS, load_embedded, load_pretrained, quantization_kwargs
+from xrec_pl.models.llm_loading import (
+    BUILTIN_LLMS,
+    cast_weights,
+    load_embedded,
+    load_pretrained,
+    quantization_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +152,14 @@ def load_frozen_llm(
     if name_or_path in _REGISTERED:
         model, tokenizer, source = _REGISTERED[name_or_path]()
         if str(dtype).lower() != "auto":  # an explicit dtype wins over the builder's own
-            model = model.to(torch_dtype)
+            model = cast_weights(model, torch_dtype)
     elif name_or_path in ("tiny-random", "tiny-random-gqa"):
         if gguf_file or quantization:
             raise LLMLoadError(f"{name_or_path!r} takes no gguf_file or quantization")
         from xrec_pl.models.tiny import build_tiny_llm
 
         model, tokenizer = build_tiny_llm(gqa=name_or_path.endswith("gqa"))
-        model = model.to(torch_dtype)
+        model = cast_weights(model, torch_dtype)
         source = "built-in tiny random Llama"
     elif name_or_path == "embedded":
         if gguf_file:

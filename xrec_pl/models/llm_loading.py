@@ -211,7 +211,26 @@ def load_embedded(torch_dtype: torch.dtype):
         model.is_quantized = False
     if cache is not None and os.environ.get("LOCAL_RANK", "0") == "0":
         _write_cache(cache, model, tokenizer, gguf)
-    return model.to(torch_dtype), tokenizer, str(gguf)
+    return cast_weights(model, torch_dtype), tokenizer, str(gguf)
+
+
+def cast_weights(model: PreTrainedModel, torch_dtype: torch.dtype) -> PreTrainedModel:
+    """Cast a loaded model's weights to ``torch_dtype`` as ``from_pretrained(dtype=...)`` would have loaded them.
+
+    ``model.to(dtype)`` also casts the buffers that are no weights (not in the state dict), such as the rotary
+    embedding's ``inv_freq``, which transformers keeps in float32: in bfloat16 those frequencies lose their last
+    digits (|error| up to 1.4e-3 on SmolLM2) and every position's rotation moves. A model cast that way trains and
+    generates differently from the same model loaded in bfloat16 (the embedded LLM's first, uncached load did).
+    Here the non-persistent buffers keep their dtype and values, and ``config.dtype`` follows the weights.
+    """
+    persistent = set(model.state_dict())
+    kept = {name: buf for name, buf in model.named_buffers() if name not in persistent}
+    model = model.to(torch_dtype)
+    for name, original in kept.items():
+        model.get_buffer(name).data = original
+    if hasattr(model.config, "dtype"):
+        model.config.dtype = torch_dtype
+    return model
 
 
 def _write_cache(cache: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gguf: Path) -> None:
