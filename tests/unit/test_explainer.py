@@ -244,3 +244,37 @@ def test_fit_resumes_from_adapter_only_checkpoint(synthetic_dir, emb_path, tmp_p
     assert t2.global_step == 5
     state = t2.optimizers[0].state
     assert all(int(s["step"]) == 5 for s in state.values())
+
+
+class _RotaryDtype(pl.Callback):
+    """Records the LLM's rotary-frequency buffers as the first training step sees them."""
+
+    def __init__(self):
+        self.seen = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.seen is None:
+            self.seen = {k: v.clone() for k, v in pl_module.llm.named_buffers() if "inv_freq" in k}
+
+
+@pytest.mark.parametrize("stage", ["fit", "predict"])
+def test_bf16_true_keeps_rotary_frequencies_float32(synthetic_dir, emb_path, tmp_path, stage):
+    """Lightning's bf16-true casts the whole module (FSDP/DeepSpeed configs): the LLM's rotary frequencies, which
+    transformers keeps in float32, are put back before any step (rounded to bf16 they move every position)."""
+    module = make(emb_path)
+    original = {k: v.clone() for k, v in module.llm.named_buffers() if "inv_freq" in k}
+    assert original and all(v.dtype == torch.float32 for v in original.values())
+    dm = ExplanationDataModule(str(synthetic_dir), batch_size=4, eval_batch_size=2)
+    seen = _RotaryDtype()
+    bf16 = trainer(
+        tmp_path, precision="bf16-true", max_steps=1, limit_val_batches=0, limit_predict_batches=1, callbacks=[seen]
+    )
+    if stage == "fit":
+        bf16.fit(module, dm)
+    else:
+        module.hparams.max_new_tokens = 2
+        bf16.predict(module, dm, return_predictions=False)
+        seen.seen = {k: v.clone() for k, v in module.llm.named_buffers() if "inv_freq" in k}
+    assert next(module.llm.parameters()).dtype == torch.bfloat16  # the plugin did cast the weights
+    for name, value in original.items():
+        assert seen.seen[name].dtype == torch.float32 and torch.equal(seen.seen[name], value), name

@@ -32,6 +32,7 @@ from xrec_pl.lit.generation import GenerationMixin
 from xrec_pl.lit.optim import OptimizerName, adam_with_warmup
 from xrec_pl.models.explainer import Decoder, load_seeded_llm
 from xrec_pl.models.llm import get_llm_info, set_layer_checkpointing
+from xrec_pl.models.llm_loading import non_weight_buffers, restore_buffers
 from xrec_pl.models.lm_loss import decoder_hidden_states, token_nll
 from xrec_pl.utils import check_choice
 
@@ -70,6 +71,7 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
         self.llm.requires_grad_(False).eval()
         self.sampling = self.resolve_decoding(generation_defaults, decoding)
         self.llm_info = get_llm_info(self.llm)
+        self._llm_buffers = non_weight_buffers(self.llm)  # fp32 rotary frequencies, put back after a bf16-true cast
         self._predictions: list[dict[str, Any]] = []
         self._eval_totals = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count) of the running eval epoch
 
@@ -199,6 +201,29 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
             return None
         hp = self.hparams
         return adam_with_warmup(params, hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
+
+    # ------------------------------------------------------------------------------------------ precision
+    def _restore_llm_buffers(self) -> None:
+        """Undo what a ``*-true`` precision plugin's ``module.to(dtype)`` did to the LLM's non-weight buffers.
+
+        Lightning casts the whole module (``bf16-true``, the FSDP/DeepSpeed configs) after the model is set up; the
+        rotary frequencies that transformers keeps in float32 would then be rounded to bf16 and move every position.
+        """
+        restored = restore_buffers(self._llm_buffers)
+        if restored:
+            rank_zero_info(f"kept {restored} non-weight LLM buffers (rotary frequencies) in their original dtype")
+
+    def on_fit_start(self) -> None:
+        self._restore_llm_buffers()
+
+    def on_validation_start(self) -> None:
+        self._restore_llm_buffers()
+
+    def on_test_start(self) -> None:
+        self._restore_llm_buffers()
+
+    def on_predict_start(self) -> None:
+        self._restore_llm_buffers()
 
     # ------------------------------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> FrozenLMModule:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from xrec_pl.errors import LLMLoadError
 
@@ -221,16 +222,45 @@ def cast_weights(model: PreTrainedModel, torch_dtype: torch.dtype) -> PreTrained
     embedding's ``inv_freq``, which transformers keeps in float32: in bfloat16 those frequencies lose their last
     digits (|error| up to 1.4e-3 on SmolLM2) and every position's rotation moves. A model cast that way trains and
     generates differently from the same model loaded in bfloat16 (the embedded LLM's first, uncached load did).
-    Here the non-persistent buffers keep their dtype and values, and ``config.dtype`` follows the weights.
+    Here the non-weight buffers keep their dtype and values, and ``config.dtype`` follows the weights.
     """
-    persistent = set(model.state_dict())
-    kept = {name: buf for name, buf in model.named_buffers() if name not in persistent}
+    kept = non_weight_buffers(model)
     model = model.to(torch_dtype)
-    for name, original in kept.items():
-        model.get_buffer(name).data = original
+    restore_buffers(kept)
     if hasattr(model.config, "dtype"):
         model.config.dtype = torch_dtype
     return model
+
+
+def non_weight_buffers(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Copies of ``model``'s buffers that are not in its state dict (e.g. rotary ``inv_freq``), with their owners.
+
+    The owner is the module object itself, so :func:`restore_buffers` finds it again after the model was cast,
+    moved or wrapped (peft, DDP): a precision plugin's ``module.to(bf16)`` (Lightning's ``bf16-true``) rounds them.
+    """
+    persistent = set(model.state_dict(keep_vars=True))
+    kept = []
+    for full_name, buffer in model.named_buffers():
+        if full_name in persistent or not buffer.is_floating_point():
+            continue
+        owner, _, name = full_name.rpartition(".")
+        kept.append((model.get_submodule(owner), name, buffer.detach().clone()))
+    return kept
+
+
+def restore_buffers(kept: list[tuple[nn.Module, str, torch.Tensor]]) -> int:
+    """Put back each buffer of :func:`non_weight_buffers` whose dtype was changed since (on its current device).
+
+    Returns:
+        How many buffers were restored.
+    """
+    restored = 0
+    for module, name, original in kept:
+        current = module.get_buffer(name)
+        if current.dtype != original.dtype:
+            module.register_buffer(name, original.to(current.device), persistent=False)
+            restored += 1
+    return restored
 
 
 def _write_cache(cache: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gguf: Path) -> None:
