@@ -46,3 +46,17 @@ def test_headline_summaries_agree_with_each_other():
     assert abs(floors["b"]["bertscore_f1"] - paired["b"]["bertscore_f1"]) < 1e-6  # the same release, the same records
     swap = json.loads((RESULTS / "swap.json").read_text())
     assert swap["n"] == 329 and swap["embedding_source"] == "graph"
+
+
+def test_seed_comparison_agrees_with_the_committed_runs():
+    """The two-seed fixed-vs-graph summary was computed from the runs whose metrics are committed beside it."""
+    arms = REPO_ROOT / "results" / "amazon-arms"
+    seeds = json.loads((arms / "fixed_vs_graph_seeds.json").read_text())
+    for arm in ("graph", "fixed"):
+        for seed, folder in (("seed0", arm), ("seed1", f"{arm}-seed1")):
+            f1 = json.loads((arms / folder / "metrics.json").read_text())["explanations"]["bertscore_f1"]
+            assert abs(seeds[f"{arm}_mean"][seed] - f1) < 1e-6, (arm, seed)
+    for seed in ("seed0", "seed1"):
+        test = seeds[f"fixed_vs_graph_{seed}"]
+        assert test["n"] == 329 and test["ci_low"] > 0  # the fixed arm ahead on both seeds, as FINDINGS says
+        assert abs(test["mean_diff"] - (seeds["fixed_mean"][seed] - seeds["graph_mean"][seed])) < 1e-6
