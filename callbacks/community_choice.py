@@ -56,11 +56,18 @@ def _swap(text: str, old: str, new: str) -> str:
 
 
 @torch.no_grad()
-def sequence_nll(module: Any, batch: dict[str, Any]) -> Tensor:
-    """Summed negative log-likelihood of each row's labelled tokens ``(B,)``, with the row's injection."""
+def sequence_nll(module: Any, batch: dict[str, Any], group: int = 1) -> Tensor:
+    """Summed negative log-likelihood of each row's labelled tokens ``(B,)``, with the row's injection.
+
+    ``group > 1``: the rows come in groups of variants of one record that share their start (the community test's
+    four versions of one explanation); a module with ``token_nll_grouped`` then runs each group's shared tokens once.
+    """
     batch = {k: (v.to(module.device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-    with module.injecting_batch(batch):
-        nll, rows = module.token_nll(batch)  # (N,), (N,)
+    if group > 1 and hasattr(module, "token_nll_grouped"):
+        nll, rows = module.token_nll_grouped(batch, group)
+    else:
+        with module.injecting_batch(batch):
+            nll, rows = module.token_nll(batch)  # (N,), (N,)
     return torch.zeros(batch["labels"].shape[0], dtype=nll.dtype, device=nll.device).index_add_(0, rows, nll)
 
 
@@ -74,7 +81,9 @@ def community_choice(
         datamodule: the ``ExplanationDataModule`` (set up; its builder encodes the variants).
         phrases: the community names.
         split: ``"tst"``, ``"val"`` or ``"trn"``.
-        batch_size: sequences per forward pass (each record gives ``len(phrases)``).
+        batch_size: sequences per forward pass (each record gives ``len(phrases)``; rounded down to whole records,
+            at least one). The variants of a record share every token before the community's name, which runs once
+            per record (``token_nll_grouped``, where the module has it).
         subset: test only the DataModule's ``eval_subset`` of the split (default: every record; the test is cheap,
             forward passes only, so it can use more records than generation does).
     """
@@ -98,7 +107,9 @@ def community_choice(
     was_training = module.training
     module.eval()
     try:
-        scores = [sequence_nll(module, collate(items[i : i + batch_size])) for i in range(0, len(items), batch_size)]
+        k = len(phrases)
+        step = max(1, batch_size // k) * k
+        scores = [sequence_nll(module, collate(items[i : i + step]), k) for i in range(0, len(items), step)]
     finally:
         module.train(was_training)
     if not meta:

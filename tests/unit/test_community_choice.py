@@ -72,3 +72,52 @@ def test_pipeline_merges_choice_into_scores(tmp_path):
     assert scores == {"community_choice": 0.5, "community_choice_raw": 0.0, "community_choice_n": 2}
     assert extra == {"community_choice": [{"uid": 3, "iid": 4, "score": 1.0}, {"uid": 1, "iid": 2, "score": 0.0}]}
     assert _add_community_choice(tmp_path / "elsewhere", {}) == {}
+
+
+def _variant_batch(module, dm, phrases, records=3):
+    from callbacks.community_choice import _find
+    from data_modules.batching import PadCollator
+
+    items = []
+    for row in range(dm.num_records("tst")):
+        record = dm.record("tst", row)
+        truth = _find(str(record["explanation"]), phrases)
+        if truth is None:
+            continue
+        for phrase in phrases:
+            variant = {**record, "explanation": _swap(str(record["explanation"]), phrases[truth], phrase)}
+            enc = dm.prompt_builder.encode_train(variant)
+            enc.update(user_id=int(record["uid"]), item_id=int(record["iid"]), index=row)
+            items.append(enc)
+        if len(items) == records * len(phrases):
+            break
+    return PadCollator(dm.pad_id, side="right")(items)
+
+
+def test_shared_prefix_scoring_equals_the_full_forward(synthetic_dir, emb_path, monkeypatch):
+    """The community test runs each record's shared tokens once: the same NLL per variant as the plain forward."""
+    import xrec_pl.models.explainer as explainer_net
+
+    phrases = read_communities(synthetic_dir)
+    module = make(emb_path).eval()
+    with torch.no_grad():  # make the injection matter: adapters far from their small initial output
+        for p in module.adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    dm = ExplanationDataModule(str(synthetic_dir), tokenizer=module.tokenizer)
+    dm.setup("predict")
+    batch = _variant_batch(module, dm, phrases)
+    calls = []
+    real = explainer_net.grouped_hidden_states
+    monkeypatch.setattr(explainer_net, "grouped_hidden_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = sequence_nll(module, batch)
+    grouped = sequence_nll(module, batch, group=len(phrases))
+    assert calls == [1]  # the shared-prefix path ran
+    torch.testing.assert_close(grouped, plain, rtol=1e-5, atol=1e-4)
+    assert plain.view(-1, len(phrases)).std(1).min() > 1e-3  # the variants score differently: the test can fail
+    # the injection reaches the shared part: another user's vectors change the scores
+    other = {**batch, "user_id": batch["user_id"].roll(len(phrases))}
+    assert not torch.allclose(sequence_nll(module, other, group=len(phrases)), grouped, atol=1e-3)
+    # rows that are no groups of one record fall back to the plain forward (same numbers, no shared path)
+    mixed = {k: (v.roll(1, 0) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    torch.testing.assert_close(sequence_nll(module, mixed, group=len(phrases)), plain.roll(1, 0), rtol=1e-5, atol=1e-4)
+    assert calls == [1, 1]

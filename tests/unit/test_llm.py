@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pytest
@@ -244,8 +245,14 @@ def test_embedded_cache_roundtrip(fake_embedded, tmp_path):
     get_llm_info(cold).check_matches(get_llm_info(warm).to_dict())
     for (name, p), q in zip(cold.state_dict().items(), warm.state_dict().values()):
         assert torch.equal(p, q), name
-    # a new GGUF (other mtime/size) gets a new key
-    gguf.write_bytes(b"fake, but longer")
+    # the same file installed elsewhere (another checkout's venv, another mtime) shares the cache: no second decode
+    copy = tmp_path / "other-venv" / gguf.name
+    copy.parent.mkdir()
+    copy.write_bytes(gguf.read_bytes())
+    os.utime(copy, ns=(1, 1))
+    assert llm_loading.embedded_cache_dir(copy) == cache
+    # other content (same size) gets a new key
+    gguf.write_bytes(bytes(b ^ 1 for b in gguf.read_bytes()))
     assert llm_loading.embedded_cache_dir(gguf) != cache
 
 

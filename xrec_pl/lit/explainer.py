@@ -196,6 +196,10 @@ class ExplainerModule(FrozenLMModule):
     def token_nll(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         return self.net.token_nll(batch)
 
+    def token_nll_grouped(self, batch: dict[str, Any], group: int) -> tuple[Tensor, Tensor]:
+        """Per-token NLL of rows in groups sharing a prefix, each under the batch's own injection (eval only)."""
+        return self.net.token_nll_grouped(batch, group)
+
     def generate_tokens(self, input_ids: Tensor, attention_mask: Tensor, config: Any) -> Tensor:
         return self.net.generate_tokens(input_ids, attention_mask, config, self.hparams.decoder)
 

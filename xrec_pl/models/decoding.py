@@ -27,7 +27,6 @@ With ``do_sample=False`` and no penalty or ban the step is the plain ``argmax`` 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xrec_pl.models.kv_cache import preallocated_cache
+from xrec_pl.models.kv_cache import cache_keyword, preallocated_cache
 
 
 @torch.no_grad()
@@ -79,7 +78,7 @@ def greedy_generate(
     mask = attention_mask.to(device=device, dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts nothing
     cache = preallocated_cache(llm.config, prompt.shape[1] + max_new_tokens)  # written in place, no per-step copy
-    cache_kw = _cache_keyword(llm)
+    cache_kw = cache_keyword(llm)
     out = llm(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,
@@ -135,12 +134,6 @@ def greedy_generate(
         logits = out.logits[:, -1].float()
         next_position = next_position + 1
     return result[:, :steps]
-
-
-def _cache_keyword(llm: nn.Module) -> str:
-    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older releases), whichever ``forward`` takes."""
-    params = inspect.signature(llm.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def stop_ids(tokenizer: Any, llm: nn.Module, extra: Sequence[int] = ()) -> list[int]:

@@ -51,7 +51,7 @@ from xrec_pl.models.adapters import AdapterKind, build_adapter, eval_mode
 from xrec_pl.models.decoding import greedy_with_config
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
 from xrec_pl.models.llm import load_frozen_llm
-from xrec_pl.models.lm_loss import decoder_hidden_states, token_nll
+from xrec_pl.models.lm_loss import common_prefix_lengths, decoder_hidden_states, grouped_hidden_states, token_nll
 from xrec_pl.models.sources import EmbeddingSource, EmbeddingSourceKind
 
 __all__ = ["Decoder", "GraphConditionedLM", "decode", "load_seeded_llm"]
@@ -223,6 +223,38 @@ class GraphConditionedLM(nn.Module):
         the loss of ``llm(input_ids, attention_mask, labels=labels)`` (tested).
         """
         return token_nll(self.llm, self.hidden_states(batch), batch["labels"])
+
+    def token_nll_grouped(self, batch: dict[str, Any], group: int) -> tuple[Tensor, Tensor]:
+        """:meth:`token_nll` (under this batch's own injection) for rows in groups of ``group`` sharing a prefix.
+
+        Rows ``g * group ... g * group + group - 1`` are variants of one record (same user, item and prompt) that
+        differ only towards the end, as in the forced-choice community test. The shared tokens run once per group
+        (:func:`~xrec_pl.models.lm_loss.grouped_hidden_states`). A group whose reserved tokens do not all lie in
+        the shared part, or rows that are no such groups, fall back to the plain forward of the whole batch.
+        """
+        rows = batch["input_ids"].shape[0]
+        lengths = batch["attention_mask"].sum(1)
+        if group < 2 or rows % group:
+            with self.injecting(batch):
+                return self.token_nll(batch)
+        shared = common_prefix_lengths(batch["input_ids"], lengths, group)
+        reserved = torch.stack([batch["user_pos"], batch["item_pos"]], dim=1).amax(1).view(-1, group)  # (G, group)
+        same_record = all(
+            bool((batch[key].view(-1, group) == batch[key].view(-1, group)[:, :1]).all())
+            for key in ("user_id", "item_id", "user_pos", "item_pos")
+        )
+        if not same_record or bool((reserved.amax(1) >= shared).any()) or bool((shared < 1).any()):
+            with self.injecting(batch):
+                return self.token_nll(batch)
+
+        def prefix_context(firsts: Tensor) -> contextlib.AbstractContextManager:
+            keys = ("user_id", "item_id", "user_pos", "item_pos")
+            return self.injecting({key: batch[key][firsts] for key in keys})
+
+        hidden = grouped_hidden_states(
+            self.llm, batch["input_ids"], batch["attention_mask"], group, shared, prefix_context
+        )
+        return token_nll(self.llm, hidden, batch["labels"])
 
     # ------------------------------------------------------------------------------------------ generation
     @contextlib.contextmanager

@@ -12,9 +12,10 @@ Layers of other kinds (sliding-window layers of Gemma-2/Mistral configs) keep tr
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -103,3 +104,9 @@ def preallocated_cache(config: Any, capacity: int) -> DynamicCache:
     else:  # no layer types known up front: every layer created on first use is preallocated
         cache.layer_class_to_replicate = lambda: PreallocatedLayer(capacity)  # type: ignore[assignment]
     return cache
+
+
+def cache_keyword(llm: nn.Module) -> str:
+    """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older releases), whichever ``forward`` takes."""
+    params = inspect.signature(llm.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
