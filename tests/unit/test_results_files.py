@@ -33,7 +33,7 @@ def test_committed_predictions_follow_the_test_split(amazon_dir, path):
     assert [(r["uid"], r["iid"]) for r in rows] == list(zip(frame["uid"].astype(int), frame["iid"].astype(int)))
     assert all(set(r) == {"uid", "iid", "prediction"} and isinstance(r["prediction"], str) for r in rows)
     empty = sum(not r["prediction"].strip() for r in rows)  # a model's empty output is scored as it is, but rare
-    assert empty <= 2 and (path.parent != RESULTS or empty == 0)
+    assert empty <= 5 and (path.parent != RESULTS or empty == 0)  # most: 4 of 329 (one expert, seed 0)
 
 
 def test_headline_summaries_agree_with_each_other():
@@ -60,3 +60,22 @@ def test_seed_comparison_agrees_with_the_committed_runs():
         test = seeds[f"fixed_vs_graph_{seed}"]
         assert test["n"] == 329 and test["ci_low"] > 0  # the fixed arm ahead on both seeds, as FINDINGS says
         assert abs(test["mean_diff"] - (seeds["fixed_mean"][seed] - seeds["graph_mean"][seed])) < 1e-6
+
+
+def test_experts_comparison_agrees_with_the_committed_runs():
+    """The Amazon sweep point (1 vs 8 experts, two seeds) was computed from the runs whose metrics are committed."""
+    arms = REPO_ROOT / "results" / "amazon-arms"
+    summary = json.loads((arms / "experts1_vs_experts8_seeds.json").read_text())
+    folders = {"experts8": ("graph", "graph-seed1"), "experts1": ("experts1", "experts1-seed1")}
+    for arm, (seed0, seed1) in folders.items():
+        for seed, folder in (("seed0", seed0), ("seed1", seed1)):
+            metrics = json.loads((arms / folder / "metrics.json").read_text())
+            assert abs(summary[f"{arm}_mean"][seed] - metrics["explanations"]["bertscore_f1"]) < 1e-6, (arm, seed)
+    for seed in ("seed0", "seed1"):
+        f1 = summary[f"experts1_vs_experts8_{seed}"]
+        assert f1["n"] == 329
+        assert abs(f1["mean_diff"] - (summary["experts1_mean"][seed] - summary["experts8_mean"][seed])) < 1e-6
+        assert summary[f"nll_experts1_vs_experts8_{seed}"]["ci_low"] > 0  # one expert fits the references worse
+    assert summary["experts1_vs_experts8_seed_mean"]["t_pvalue"] > 0.05  # but the F1 difference does not hold
+    swap = json.loads((arms / "experts1" / "swap.json").read_text())
+    assert swap["adapter"] == "moe" and swap["n"] == 329
