@@ -251,6 +251,8 @@ def test_embedded_cache_roundtrip(fake_embedded, tmp_path):
     copy.write_bytes(gguf.read_bytes())
     os.utime(copy, ns=(1, 1))
     assert llm_loading.embedded_cache_dir(copy) == cache
+    # an unreadable file has no cache folder (the load reports it), not a traceback from the key
+    assert llm_loading.embedded_cache_dir(tmp_path / "missing.gguf") is None
     # other content (same size) gets a new key
     gguf.write_bytes(bytes(b ^ 1 for b in gguf.read_bytes()))
     assert llm_loading.embedded_cache_dir(gguf) != cache

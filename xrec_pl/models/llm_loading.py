@@ -189,9 +189,12 @@ def embedded_cache_dir(gguf: Path) -> Path | None:
     import transformers
 
     digest = hashlib.sha256()
-    with open(gguf, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
+    try:
+        with open(gguf, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    except OSError:
+        return None  # unreadable: no cache; the load itself then reports the file
     key = f"{digest.hexdigest()}|{transformers.__version__}|{tokenizers.__version__}"
     return root / "gguf" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
