@@ -289,6 +289,21 @@ def test_cast_weights_keeps_non_weight_buffers():
     assert any(b.dtype == torch.bfloat16 for k, b in rounded.named_buffers() if "inv_freq" in k)
 
 
+def test_embedded_cache_loads_safetensors_only(fake_embedded, caplog):
+    """A pickle planted in the shared cache folder (in place of the safetensors we wrote) is never loaded."""
+    gguf, slow_loads = fake_embedded
+    model, _ = load_frozen_llm("embedded")
+    cache = llm_loading.embedded_cache_dir(gguf)
+    weights = cache / "model.safetensors"
+    assert weights.is_file()
+    torch.save(model.state_dict(), cache / "pytorch_model.bin")
+    weights.unlink()
+    with caplog.at_level(logging.WARNING, logger="xrec_pl.models.llm"):
+        load_frozen_llm("embedded")
+    assert len(slow_loads) == 2 and "ignoring unreadable LLM cache" in caplog.text  # decoded again, not unpickled
+    assert (cache / "model.safetensors").is_file()  # and the folder rewritten as we write it
+
+
 def test_embedded_cache_is_best_effort(fake_embedded, tmp_path, monkeypatch, caplog):
     gguf, slow_loads = fake_embedded
     load_frozen_llm("embedded")
@@ -297,6 +312,10 @@ def test_embedded_cache_is_best_effort(fake_embedded, tmp_path, monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="xrec_pl.models.llm"):
         model, _ = load_frozen_llm("embedded")
     assert len(slow_loads) == 2 and "ignoring unreadable LLM cache" in caplog.text
+    # the broken folder was replaced: the next load is warm again
+    load_frozen_llm("embedded")
+    assert len(slow_loads) == 2
+    assert not [p for p in cache.parent.iterdir() if p.name.startswith(".")]  # nothing left aside
     # an unwritable cache location only logs
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -89,12 +89,15 @@ def placement_kwargs(device: torch.device | None) -> dict[str, Any]:
     return {} if device is None else {"device_map": {"": device}}
 
 
-def _from_pretrained(path: str, torch_dtype: torch.dtype, quant_kwargs: dict[str, Any], **kwargs: Any):
+def _from_pretrained(
+    path: str, torch_dtype: torch.dtype, quant_kwargs: dict[str, Any], safetensors_only: bool = False, **kwargs: Any
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    extra = {"use_safetensors": True} if safetensors_only else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, attn_implementation="sdpa", **quant_kwargs, **kwargs
+        path, dtype=torch_dtype, attn_implementation="sdpa", **quant_kwargs, **extra, **kwargs
     )
     return model, tokenizer
 
@@ -202,12 +205,17 @@ def embedded_cache_dir(gguf: Path) -> Path | None:
 def load_embedded(torch_dtype: torch.dtype):
     gguf = embedded_gguf_path()
     cache = embedded_cache_dir(gguf)
+    broken = False
     if cache is not None and (cache / _CACHE_MARKER).is_file():
         try:
-            model, tokenizer = _from_pretrained(str(cache), torch_dtype, {}, local_files_only=True)
+            # the cache holds what _write_cache saved (safetensors); nothing else in that folder is ever loaded
+            model, tokenizer = _from_pretrained(
+                str(cache), torch_dtype, {}, safetensors_only=True, local_files_only=True
+            )
             return model, tokenizer, f"{gguf} (cached at {cache})"
         except Exception as err:  # best effort: a broken cache must never fail the load
-            log.warning("ignoring unreadable LLM cache %s (%s: %s)", cache, type(err).__name__, err)
+            log.warning("ignoring unreadable LLM cache %s (%s: %s); rewriting it", cache, type(err).__name__, err)
+            broken = True
     try:
         # Dequantise in float32 (what the GGUF decodes to); cast after caching so the cache serves every dtype.
         model, tokenizer = _from_pretrained(
@@ -222,7 +230,7 @@ def load_embedded(torch_dtype: torch.dtype):
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
     if cache is not None and os.environ.get("LOCAL_RANK", "0") == "0":
-        _write_cache(cache, model, tokenizer, gguf)
+        _write_cache(cache, model, tokenizer, gguf, replace=broken)
     return cast_weights(model, torch_dtype), tokenizer, str(gguf)
 
 
@@ -274,8 +282,13 @@ def restore_buffers(kept: list[tuple[nn.Module, str, torch.Tensor]]) -> int:
     return restored
 
 
-def _write_cache(cache: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gguf: Path) -> None:
-    """Save model + tokenizer into ``cache`` atomically (temp folder + rename); log and go on on any failure."""
+def _write_cache(
+    cache: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gguf: Path, replace: bool = False
+) -> None:
+    """Save model + tokenizer into ``cache`` atomically (temp folder + rename); log and go on on any failure.
+
+    ``replace``: the folder there could not be loaded; move it aside first (else every later run would decode again).
+    """
     tmp: Path | None = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +296,10 @@ def _write_cache(cache: Path, model: PreTrainedModel, tokenizer: PreTrainedToken
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _CACHE_MARKER).write_text(json.dumps({"gguf": str(gguf)}) + "\n", encoding="utf-8")
+        if replace and cache.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{cache.name}.broken.", dir=cache.parent))
+            os.rename(cache, trash / "old")  # atomic: a reader sees the old folder or none
+            shutil.rmtree(trash, ignore_errors=True)
         os.rename(tmp, cache)  # fails if another process won the race; its copy is as good as ours
         tmp = None
         log.info("cached the dequantised LLM at %s", cache)
