@@ -79,3 +79,17 @@ def test_experts_comparison_agrees_with_the_committed_runs():
     assert summary["experts1_vs_experts8_seed_mean"]["t_pvalue"] > 0.05  # but the F1 difference does not hold
     swap = json.loads((arms / "experts1" / "swap.json").read_text())
     assert swap["adapter"] == "moe" and swap["n"] == 329
+
+
+def test_three_seed_comparison_agrees_with_the_committed_runs():
+    """Fixed vs graph over three stage-2 seeds: computed from the committed runs; significant over runs (Welch)."""
+    arms = REPO_ROOT / "results" / "amazon-arms"
+    summary = json.loads((arms / "fixed_vs_graph_3seeds.json").read_text())
+    for arm in ("graph", "fixed"):
+        for seed, folder in (("seed0", arm), ("seed1", f"{arm}-seed1"), ("seed2", f"{arm}-seed2")):
+            f1 = json.loads((arms / folder / "metrics.json").read_text())["explanations"]["bertscore_f1"]
+            assert abs(summary[f"{arm}_mean"][seed] - f1) < 1e-6, (arm, seed)
+    welch = summary["run_level_welch"]
+    assert min(welch["fixed_runs"]) > max(welch["graph_runs"]) and welch["p"] < 0.05
+    for seed in ("seed0", "seed1", "seed2"):
+        assert summary[f"fixed_vs_graph_{seed}"]["ci_low"] > 0 and summary[f"fixed_vs_graph_{seed}"]["n"] == 329
