@@ -74,3 +74,61 @@ def test_explainer_compact_and_hf_decoders_agree(synthetic_dir, emb_path):
     assert len(set(compact)) > 1
     with pytest.raises(ValueError, match="decoder"):
         make(emb_path, decoder="beam")
+
+
+def test_penalty_scope_generated_leaves_the_prompt_alone(tiny_llm):
+    """With "all" (generate's rule) the ban and the penalty count the prompt; with "generated" only the new tokens."""
+    from xrec_pl.models.decoding import Sampling
+
+    model, tok = tiny_llm
+    ids, mask, _ = encode(tok, PROMPTS[:1], side="left")
+    pad = tok.pad_token_id
+    plain = greedy_generate(model, mask, input_ids=ids, max_new_tokens=8, stop_ids=[pad], pad_id=pad)
+    # the prompt followed by the model's own greedy text: a tiny random model goes on with a token of that prompt
+    ids = torch.cat([ids, plain], dim=1)
+    mask = torch.ones_like(ids)
+    free = greedy_generate(model, mask, input_ids=ids, max_new_tokens=6, stop_ids=[pad], pad_id=pad)
+    assert int(free[0, 0]) in ids[0].tolist()  # the case the scopes differ on
+
+    def run(scope: str, **kw) -> list[int]:
+        sampling = Sampling(penalty_scope=scope, **kw)
+        return greedy_generate(
+            model, mask, input_ids=ids, max_new_tokens=6, stop_ids=[pad], pad_id=pad, sampling=sampling
+        )[0].tolist()
+
+    for kw in ({"no_repeat_ngram_size": 1}, {"repetition_penalty": 1e9}):
+        everything, generated = run("all", **kw), run("generated", **kw)
+        assert not set(everything) & set(ids[0].tolist()), kw  # nothing of the prompt may come back
+        assert generated[0] == int(free[0, 0]), kw  # the first step has no history of its own
+        assert len(set(generated)) == len(generated), kw  # but the new tokens still never repeat
+    # "all" is generate's rule, token for token
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=[pad], pad_token_id=pad)
+    config.no_repeat_ngram_size = 1
+    want = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
+    assert run("all", no_repeat_ngram_size=1) == want[0].tolist()
+
+
+def test_penalty_scope_settings_and_the_hf_decoder(emb_path):
+    from xrec_pl.models.decoding import Sampling, check_hf_scope, greedy_config, resolve_sampling
+
+    assert Sampling().penalty_scope == "generated"
+    assert resolve_sampling("model", GenerationConfig(do_sample=True)).penalty_scope == "all"  # generate's rule
+    assert resolve_sampling("model", None, {"penalty_scope": "generated"}).penalty_scope == "generated"
+    with pytest.raises(ValueError, match="penalty_scope"):
+        Sampling(penalty_scope="prompt")
+    # the scope travels through the GenerationConfig the modules build; a foreign config means generate's rule
+    model_tok = make(emb_path, max_new_tokens=4)
+    config = greedy_config(
+        model_tok.tokenizer, model_tok.llm, 4, [], Sampling(no_repeat_ngram_size=3, penalty_scope="generated")
+    )
+    assert Sampling.from_generation_config(config).penalty_scope == "generated"
+    assert Sampling.from_generation_config(GenerationConfig(no_repeat_ngram_size=3)).penalty_scope == "all"
+    # generate cannot leave the prompt out: refused, only when a penalty or a ban is on
+    check_hf_scope(Sampling(penalty_scope="generated"))
+    check_hf_scope(Sampling(no_repeat_ngram_size=3, penalty_scope="all"))
+    with pytest.raises(ValueError, match="penalty_scope='all'"):
+        check_hf_scope(Sampling(no_repeat_ngram_size=3))
+    with pytest.raises(ValueError, match="penalty_scope='all'"):
+        make(emb_path, decoder="hf", no_repeat_ngram_size=3)
+    assert make(emb_path, decoder="hf", no_repeat_ngram_size=3, penalty_scope="all").sampling.penalty_scope == "all"
+    assert make(emb_path, no_repeat_ngram_size=3).sampling.penalty_scope == "generated"

@@ -203,7 +203,13 @@ def test_compact_decoder_penalties_equal_generate(tiny_llm):
         config = GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=[-5], pad_token_id=0, **kw)
         want = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1] :]
         got = greedy_generate(
-            model, mask, input_ids=ids, max_new_tokens=12, stop_ids=[-5], pad_id=0, sampling=Sampling(**kw)
+            model,
+            mask,
+            input_ids=ids,
+            max_new_tokens=12,
+            stop_ids=[-5],
+            pad_id=0,
+            sampling=Sampling(**kw, penalty_scope="all"),
         )
         assert torch.equal(got, want), kw
 

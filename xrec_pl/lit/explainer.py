@@ -42,8 +42,17 @@ __all__ = ["Decoder", "ExplainerModule", "OptimizerName"]
 
 PostProcess = Literal["none", "xrec"]
 GenerationDefaults = Literal["greedy", "model"]
+PenaltyScope = Literal["generated", "all"]
 # overrides of generation_defaults (GenerationMixin.resolve_decoding)
-DECODING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
+DECODING_KEYS = (
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "penalty_scope",
+)
 
 
 def _net_part(path: str, doc: str) -> property:
@@ -90,6 +99,9 @@ class ExplainerModule(FrozenLMModule):
         top_k: top-k cut (``None``: from ``generation_defaults``).
         repetition_penalty: ``generate``'s repetition penalty (``None``: from ``generation_defaults``).
         no_repeat_ngram_size: ban repeated n-grams of this size (``None``: from ``generation_defaults``).
+        penalty_scope: what the penalty and the ban count: ``"generated"`` (the explanation's own tokens) or
+            ``"all"`` (the prompt too, as ``generate`` does; with it a 3-gram ban forbids every phrase of the
+            instruction and the profiles). ``None``: ``"generated"``, or ``"all"`` with ``generation_defaults="model"``.
         postprocess: ``"none"`` or ``"xrec"`` (the reference's: the text is cut at its first ``[``, and decoding
             stops at the first token that contains ``[`` — which covers ``[/INST]`` — since nothing after it is
             kept).
@@ -128,6 +140,7 @@ class ExplainerModule(FrozenLMModule):
         top_k: int | None = None,
         repetition_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
+        penalty_scope: PenaltyScope | None = None,
         postprocess: PostProcess = "none",
     ) -> None:
         super().__init__()

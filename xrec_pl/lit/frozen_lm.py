@@ -30,6 +30,7 @@ from xrec_pl.data.prompts import IGNORE_INDEX
 from xrec_pl.lit.checkpoint import load_validated, save_trainable
 from xrec_pl.lit.generation import GenerationMixin
 from xrec_pl.lit.optim import OptimizerName, adam_with_warmup
+from xrec_pl.models.decoding import check_hf_scope
 from xrec_pl.models.explainer import Decoder, load_seeded_llm
 from xrec_pl.models.llm import get_llm_info, set_layer_checkpointing
 from xrec_pl.models.llm_loading import non_weight_buffers, restore_buffers
@@ -57,7 +58,7 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
         """Load the frozen LLM and tokenizer (new token rows seeded by ``seed``), its identity and decoding settings.
 
         ``decoding`` holds overrides of ``generation_defaults`` (``do_sample``, ``temperature``, ``top_p``, ``top_k``,
-        ``repetition_penalty``, ``no_repeat_ngram_size``; ``None`` values ignored), as
+        ``repetition_penalty``, ``no_repeat_ngram_size``, ``penalty_scope``; ``None`` values ignored), as
         :meth:`~xrec_pl.lit.generation.GenerationMixin.resolve_decoding` takes them.
         """
         self.llm, self.tokenizer = load_seeded_llm(llm, llm_dtype, seed, quantization, tuple(extra_tokens or ()))
@@ -70,6 +71,8 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable weights only; on_load_checkpoint validates them
         self.llm.requires_grad_(False).eval()
         self.sampling = self.resolve_decoding(generation_defaults, decoding)
+        if self.hparams.get("decoder", "compact") == "hf":
+            check_hf_scope(self.sampling)
         self.llm_info = get_llm_info(self.llm)
         self._llm_buffers = non_weight_buffers(self.llm)  # fp32 rotary frequencies, put back after a bf16-true cast
         self._predictions: list[dict[str, Any]] = []

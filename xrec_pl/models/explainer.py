@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from xrec_pl.models.adapters import AdapterKind, build_adapter, eval_mode
-from xrec_pl.models.decoding import greedy_with_config
+from xrec_pl.models.decoding import Sampling, check_hf_scope, greedy_with_config
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
 from xrec_pl.models.llm import load_frozen_llm
 from xrec_pl.models.lm_loss import common_prefix_lengths, decoder_hidden_states, grouped_hidden_states, token_nll
@@ -74,6 +74,7 @@ def decode(
     """New tokens ``(B, N)`` of ``llm`` for a left-padded prompt batch ``(B, T)`` (see ``generate_tokens``)."""
     if decoder == "compact":
         return greedy_with_config(llm, config, attention_mask, input_ids=input_ids)
+    check_hf_scope(Sampling.from_generation_config(config))
     out = llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     return out[:, input_ids.shape[1] :]
 
@@ -232,29 +233,34 @@ class GraphConditionedLM(nn.Module):
         (:func:`~xrec_pl.models.lm_loss.grouped_hidden_states`). A group whose reserved tokens do not all lie in
         the shared part, or rows that are no such groups, fall back to the plain forward of the whole batch.
         """
-        rows = batch["input_ids"].shape[0]
-        lengths = batch["attention_mask"].sum(1)
-        if group < 2 or rows % group:
-            with self.injecting(batch):
-                return self.token_nll(batch)
-        shared = common_prefix_lengths(batch["input_ids"], lengths, group)
-        reserved = torch.stack([batch["user_pos"], batch["item_pos"]], dim=1).amax(1).view(-1, group)  # (G, group)
-        same_record = all(
-            bool((batch[key].view(-1, group) == batch[key].view(-1, group)[:, :1]).all())
-            for key in ("user_id", "item_id", "user_pos", "item_pos")
-        )
-        if not same_record or bool((reserved.amax(1) >= shared).any()) or bool((shared < 1).any()):
+        keys = ("user_id", "item_id", "user_pos", "item_pos")
+        shared = self._shared_prefixes(batch, group, keys)
+        if shared is None:
             with self.injecting(batch):
                 return self.token_nll(batch)
 
         def prefix_context(firsts: Tensor) -> contextlib.AbstractContextManager:
-            keys = ("user_id", "item_id", "user_pos", "item_pos")
             return self.injecting({key: batch[key][firsts] for key in keys})
 
         hidden = grouped_hidden_states(
             self.llm, batch["input_ids"], batch["attention_mask"], group, shared, prefix_context
         )
         return token_nll(self.llm, hidden, batch["labels"])
+
+    @staticmethod
+    def _shared_prefixes(batch: dict[str, Any], group: int, keys: tuple[str, ...]) -> Tensor | None:
+        """Tokens each group of ``group`` rows shares ``(G,)``, or ``None`` when the rows are not groups of one
+        record (same ``keys``) whose reserved tokens all lie inside a non-empty shared part."""
+        rows = batch["input_ids"].shape[0]
+        if group < 2 or rows % group:
+            return None
+        if not all(bool((batch[k].view(-1, group) == batch[k].view(-1, group)[:, :1]).all()) for k in keys):
+            return None
+        shared = common_prefix_lengths(batch["input_ids"], batch["attention_mask"].sum(1), group)
+        reserved = torch.stack([batch["user_pos"], batch["item_pos"]], dim=1).amax(1).view(-1, group)  # (G, group)
+        if bool((reserved.amax(1) >= shared).any()) or bool((shared < 1).any()):
+            return None
+        return shared
 
     # ------------------------------------------------------------------------------------------ generation
     @contextlib.contextmanager

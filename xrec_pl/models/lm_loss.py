@@ -121,9 +121,12 @@ def grouped_hidden_states(
     rest_hidden = decoder(
         input_ids=rest_ids, attention_mask=mask, position_ids=own[:, None] + steps, use_cache=True, **{keyword: cache}
     ).last_hidden_state
-    hidden = rest_hidden.new_zeros(rows, width, rest_hidden.shape[-1])
-    for row in range(rows):
-        p, n = int(own[row]), int(lengths[row])
-        hidden[row, :p] = prefix_hidden[row // group, :p]
-        hidden[row, p:n] = rest_hidden[row, : n - p]
-    return hidden
+    # position t of row b: the group's prefix state below own[b], the row's continuation state from there to its end
+    t = torch.arange(width, device=input_ids.device)[None]  # (1, T)
+    size = rest_hidden.shape[-1]
+    from_prefix = prefix_hidden.repeat_interleave(group, 0).gather(
+        1, t.clamp(max=longest_prefix - 1).expand(rows, -1)[..., None].expand(-1, -1, size)
+    )
+    from_rest = rest_hidden.gather(1, (t - own[:, None]).clamp(0, longest_rest - 1)[..., None].expand(-1, -1, size))
+    hidden = torch.where((t < own[:, None])[..., None], from_prefix, from_rest)
+    return hidden.masked_fill((t >= lengths[:, None])[..., None], 0.0)  # (B, T, H); right padding stays zero
