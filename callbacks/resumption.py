@@ -242,6 +242,16 @@ RESUME_MAY_CHANGE = (
     "predictions_file",
     "gradient_checkpointing",
     "llm_dtype",
+    # decoding: what validation and predict generate, not what trains
+    "decoder",
+    "generation_defaults",
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "penalty_scope",
 )
 
 

@@ -134,3 +134,13 @@ def test_checkpoint_check_refuses_damaged_and_changed(tmp_path):
 
     with pytest.raises(DataError, match="w has shape"):
         _trainer(tmp_path, [CheckpointCheck()], max_steps=4).fit(Wider(), ckpt_path=ckpt)
+
+
+def test_resume_may_change_decoding_but_not_training():
+    """Decoding settings only shape what validation/predict write, so a resume may change them; the lr may not."""
+    from callbacks.resumption import RESUME_MAY_CHANGE, _changed
+
+    saved = {"lr": 5e-4, "no_repeat_ngram_size": None, "penalty_scope": None, "do_sample": None}
+    now = {"lr": 5e-4, "no_repeat_ngram_size": 3, "penalty_scope": "all", "do_sample": True}
+    assert _changed(saved, now, "model", RESUME_MAY_CHANGE) == []
+    assert _changed(saved, {**now, "lr": 1e-3}, "model", RESUME_MAY_CHANGE) == ["model.lr: 0.0005 -> 0.001"]
