@@ -93,3 +93,32 @@ def test_three_seed_comparison_agrees_with_the_committed_runs():
     assert min(welch["fixed_runs"]) > max(welch["graph_runs"]) and welch["p"] < 0.05
     for seed in ("seed0", "seed1", "seed2"):
         assert summary[f"fixed_vs_graph_{seed}"]["ci_low"] > 0 and summary[f"fixed_vs_graph_{seed}"]["n"] == 329
+
+
+def test_decoding_scope_results_agree_with_the_committed_runs():
+    """The regenerated runs (n-gram ban over the explanation's own tokens): old scores are the committed runs', the
+    fixed arm stays ahead on every seed and over runs, and the best run is still short of the release."""
+    arms, decoding = REPO_ROOT / "results" / "amazon-arms", REPO_ROOT / "results" / "amazon-decoding"
+    summary = json.loads((decoding / "generated_vs_all_3seeds.json").read_text())
+    for arm in ("graph", "fixed"):
+        for seed in (0, 1, 2):
+            run = summary[f"{arm}-seed{seed}"]
+            folder = arm if seed == 0 else f"{arm}-seed{seed}"
+            f1 = json.loads((arms / folder / "metrics.json").read_text())["explanations"]["bertscore_f1"]
+            assert abs(run["old_mean"] - f1) < 1e-6, (arm, seed)
+            assert abs(run["new_vs_old"]["mean_diff"] - (run["new_mean"] - run["old_mean"])) < 1e-6
+            assert run["old_would_buy"] == 0 and run["new_would_buy"] > 0  # the ban had forbidden the prompt's words
+            assert (decoding / f"{arm}-seed{seed}" / "predictions.jsonl").is_file()
+    for seed in (0, 1, 2):
+        assert summary[f"fixed_vs_graph_seed{seed}"]["ci_low"] > 0
+    assert summary["run_level_welch"]["p"] < 0.05
+    epoch3 = json.loads((decoding / "epoch3_generated_vs_all.json").read_text())
+    for arm in ("graph", "fixed"):
+        f1 = json.loads((arms / f"{arm}-e3" / "metrics.json").read_text())["explanations"]["bertscore_f1"]
+        assert abs(epoch3[f"{arm}_e3"]["old_mean"] - f1) < 1e-6, arm
+    assert epoch3["fixed_vs_graph_e3_generated"]["ci_low"] > 0
+    release = json.loads((decoding / "fixed-e3" / "vs_release.json").read_text())["tests"]["bertscore_f1"]
+    assert abs(release["mean_a"] - epoch3["fixed_e3"]["new_mean"]) < 1e-6 and abs(release["mean_b"] - 0.6206) < 1e-4
+    assert release["ci_high"] < 0  # the F1 target is not met
+    e3 = json.loads((arms / "fixed_vs_graph_e3.json").read_text())["bertscore_f1"]
+    assert e3["ci_low"] > 0 and e3["n"] == 329
