@@ -122,3 +122,17 @@ def test_decoding_scope_results_agree_with_the_committed_runs():
     assert release["ci_high"] < 0  # the F1 target is not met
     e3 = json.loads((arms / "fixed_vs_graph_e3.json").read_text())["bertscore_f1"]
     assert e3["ci_low"] > 0 and e3["n"] == 329
+
+
+def test_fourth_epoch_summaries_agree_with_the_committed_run():
+    """The best Amazon run (fixed arm, 4 epochs): its comparisons score the committed predictions' run."""
+    run = REPO_ROOT / "results" / "amazon-arms" / "fixed-e4"
+    f1 = json.loads((run / "metrics.json").read_text())["explanations"]["bertscore_f1"]
+    tests = {
+        name: json.loads((run / f"vs_{name}.json").read_text())["tests"]["bertscore_f1"]
+        for name in ("release", "medoid", "e3")
+    }
+    for name, test in tests.items():
+        assert abs(test["mean_a"] - f1) < 1e-6 and test["n"] == 329, name
+    assert abs(tests["release"]["mean_b"] - 0.6206) < 1e-4 and tests["release"]["ci_high"] < 0  # target not met
+    assert tests["e3"]["ci_low"] > 0  # the fourth epoch helped
