@@ -247,6 +247,24 @@ def test_load_run_reads_a_checkpoint_of_the_old_key_layout(runs, tmp_path):
         assert torch.equal(run.module.get_parameter(f"net.{key}"), value), key
 
 
+@pytest.mark.parametrize(
+    ("key", "value"), [("penalty_scope", "evil"), ("adapter", "telepathic"), ("no_repeat_ngram_size", -3)]
+)
+def test_load_run_refuses_edited_settings_in_one_line(runs, tmp_path, capsys, key, value):
+    """A checkpoint whose stored settings the module rejects: ``analyze`` exits 2 with one line naming the file."""
+    from xrec_pl.cli import main
+
+    ckpt = torch.load(runs["fixed"] / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt["hyper_parameters"][key] = value
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "run" / "checkpoints" / "last.ckpt")
+    with pytest.raises(DataError, match="stored explainer settings are not valid"):
+        load_run(tmp_path / "run")
+    assert main(["analyze", "--run", str(tmp_path / "run"), "--parts", "[soft_prompt]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "last.ckpt" in err[0] and "not valid" in err[0] and "Traceback" not in err[0]
+
+
 def test_bad_inputs_name_the_problem(tmp_path, runs):
     with pytest.raises(DataError, match="last.ckpt"):
         analyze(str(tmp_path), parts=["swap"])

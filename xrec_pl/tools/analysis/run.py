@@ -96,14 +96,20 @@ def load_run(
         dm_hp["eval_subset"] = eval_subset
     if batch_size is not None:
         dm_hp["eval_batch_size"] = batch_size
-    datamodule = ExplanationDataModule(**dm_hp)
+    try:
+        datamodule = ExplanationDataModule(**dm_hp)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"{ckpt}: its stored datamodule settings are not valid: {err}") from None
     overrides: dict[str, Any] = {"num_users": datamodule.num_users, "num_items": datamodule.num_items}
     if embeddings_path is not None:
         overrides["embeddings_path"] = embeddings_path
     if llm_dtype is not None:
         overrides["llm_dtype"] = llm_dtype
     accepted = set(inspect.signature(ExplainerModule.__init__).parameters) - {"self"}
-    module = ExplainerModule(**{**{k: v for k, v in hp.items() if k in accepted}, **overrides})
+    try:
+        module = ExplainerModule(**{**{k: v for k, v in hp.items() if k in accepted}, **overrides})
+    except (TypeError, ValueError) as err:  # an edited or foreign checkpoint: one line, not a traceback
+        raise DataError(f"{ckpt}: its stored explainer settings are not valid: {err}") from None
     module.accept_checkpoint(meta, str(ckpt))  # LLM identity, arm, adapter keys and shapes (old key layouts renamed)
     module.load_state_dict(meta["state_dict"], strict=False)
     module.eval()
