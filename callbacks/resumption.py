@@ -36,6 +36,7 @@ from xrec_pl import run_layout
 from xrec_pl.data.pickles import require_inside, torch_load_error
 from xrec_pl.errors import DataError
 from xrec_pl.lit.checkpoint import state_mismatch
+from xrec_pl.models.decoding import DECODING_FIELDS
 
 
 def capture_rng() -> dict[str, Any]:
@@ -245,13 +246,7 @@ RESUME_MAY_CHANGE = (
     # decoding: what validation and predict generate, not what trains
     "decoder",
     "generation_defaults",
-    "do_sample",
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "penalty_scope",
+    *DECODING_FIELDS,
 )
 
 

@@ -34,6 +34,7 @@ from xrec_pl.lit.checkpoint import rename_legacy_keys
 from xrec_pl.lit.frozen_lm import FrozenLMModule
 from xrec_pl.lit.optim import OptimizerName
 from xrec_pl.models.adapters import AdapterKind
+from xrec_pl.models.decoding import DECODING_FIELDS
 from xrec_pl.models.explainer import Decoder, GraphConditionedLM
 from xrec_pl.models.injection import InjectionMode
 from xrec_pl.models.sources import EmbeddingSourceKind
@@ -44,15 +45,7 @@ PostProcess = Literal["none", "xrec"]
 GenerationDefaults = Literal["greedy", "model"]
 PenaltyScope = Literal["generated", "all"]
 # overrides of generation_defaults (GenerationMixin.resolve_decoding)
-DECODING_KEYS = (
-    "do_sample",
-    "temperature",
-    "top_p",
-    "top_k",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "penalty_scope",
-)
+DECODING_KEYS = DECODING_FIELDS
 
 
 def _net_part(path: str, doc: str) -> property:

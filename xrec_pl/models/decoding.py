@@ -265,7 +265,16 @@ class Sampling:
         return kw
 
 
-_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size", "penalty_scope")
+# the decoding settings a module takes as overrides (``resolve_sampling``); they shape what is generated, not trained
+DECODING_FIELDS = (
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "penalty_scope",
+)
 
 
 def resolve_sampling(defaults: str, model_config: Any = None, overrides: Mapping[str, Any] | None = None) -> Sampling:
@@ -285,12 +294,12 @@ def resolve_sampling(defaults: str, model_config: Any = None, overrides: Mapping
     if defaults == "model":
         settings = replace(settings, penalty_scope="all")
     if defaults == "model" and model_config is not None:
-        found = {f: getattr(model_config, f, None) for f in _FIELDS}
+        found = {f: getattr(model_config, f, None) for f in DECODING_FIELDS}
         settings = replace(settings, **{f: type(getattr(settings, f))(v) for f, v in found.items() if v is not None})
     extra = {f: v for f, v in (overrides or {}).items() if v is not None}
-    unknown = sorted(set(extra) - set(_FIELDS))
+    unknown = sorted(set(extra) - set(DECODING_FIELDS))
     if unknown:
-        raise ValueError(f"unknown decoding settings {unknown}; known: {list(_FIELDS)}")
+        raise ValueError(f"unknown decoding settings {unknown}; known: {list(DECODING_FIELDS)}")
     return replace(settings, **{f: type(getattr(settings, f))(v) for f, v in extra.items()})
 
 
