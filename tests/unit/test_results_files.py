@@ -124,16 +124,18 @@ def test_decoding_scope_results_agree_with_the_committed_runs():
     assert e3["ci_low"] > 0 and e3["n"] == 329
 
 
-def test_fourth_epoch_summaries_agree_with_the_committed_run():
-    """The best Amazon run (fixed arm, 4 epochs): its comparisons score the committed predictions' run."""
-    run = REPO_ROOT / "results" / "amazon-arms" / "fixed-e4"
+def _paired_f1_of_run(run, names):
+    """The F1 tests of ``run/vs_<name>.json``, each checked to score the run whose metrics sit beside it."""
     f1 = json.loads((run / "metrics.json").read_text())["explanations"]["bertscore_f1"]
-    tests = {
-        name: json.loads((run / f"vs_{name}.json").read_text())["tests"]["bertscore_f1"]
-        for name in ("release", "medoid", "e3")
-    }
+    tests = {name: json.loads((run / f"vs_{name}.json").read_text())["tests"]["bertscore_f1"] for name in names}
     for name, test in tests.items():
         assert abs(test["mean_a"] - f1) < 1e-6 and test["n"] == 329, name
+    return tests
+
+
+def test_fourth_epoch_summaries_agree_with_the_committed_run():
+    """The best Amazon run (fixed arm, 4 epochs): its comparisons score the committed predictions' run."""
+    tests = _paired_f1_of_run(REPO_ROOT / "results" / "amazon-arms" / "fixed-e4", ("release", "medoid", "e3"))
     assert abs(tests["release"]["mean_b"] - 0.6206) < 1e-4 and tests["release"]["ci_high"] < 0  # target not met
     assert tests["e3"]["ci_low"] > 0  # the fourth epoch helped
 
@@ -141,14 +143,7 @@ def test_fourth_epoch_summaries_agree_with_the_committed_run():
 def test_fifth_epoch_summaries_agree_with_the_committed_run():
     """Five epochs of the fixed arm: lower validation loss than four, lower test F1; still short of the release."""
     arms = REPO_ROOT / "results" / "amazon-arms"
-    run = arms / "fixed-e5"
-    f1 = json.loads((run / "metrics.json").read_text())["explanations"]["bertscore_f1"]
-    tests = {
-        name: json.loads((run / f"vs_{name}.json").read_text())["tests"]["bertscore_f1"]
-        for name in ("release", "medoid", "e4")
-    }
-    for name, test in tests.items():
-        assert abs(test["mean_a"] - f1) < 1e-6 and test["n"] == 329, name
+    tests = _paired_f1_of_run(arms / "fixed-e5", ("release", "medoid", "e4"))
     assert tests["release"]["ci_high"] < 0 and tests["e4"]["ci_high"] < 0
     val = {
         e: json.loads((arms / e / "metrics.json").read_text())["stage2"]["val/loss"] for e in ("fixed-e4", "fixed-e5")

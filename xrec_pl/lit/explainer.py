@@ -44,8 +44,6 @@ __all__ = ["Decoder", "ExplainerModule", "OptimizerName"]
 PostProcess = Literal["none", "xrec"]
 GenerationDefaults = Literal["greedy", "model"]
 PenaltyScope = Literal["generated", "all"]
-# overrides of generation_defaults (GenerationMixin.resolve_decoding)
-DECODING_KEYS = DECODING_FIELDS
 
 
 def _net_part(path: str, doc: str) -> property:
@@ -151,7 +149,7 @@ class ExplainerModule(FrozenLMModule):
         load = {"dtype": llm_dtype, "seed": seed, "quantization": quantization, "extra_tokens": extra}
         keys = (*switches, "num_experts", "adapter_dropout", "graph_dim", "num_users", "num_items")
         self.net = GraphConditionedLM.from_pretrained(llm, user=user, item=item, **load, **{k: hp[k] for k in keys})
-        decoding = {k: hp[k] for k in DECODING_KEYS}
+        decoding = {k: hp[k] for k in DECODING_FIELDS}  # overrides of generation_defaults
         self.init_frozen_lm_state(generation_defaults, decoding)
         self.enable_gradient_checkpointing()
 
