@@ -243,6 +243,8 @@ RESUME_MAY_CHANGE = (
     "predictions_file",
     "gradient_checkpointing",
     "llm_dtype",
+    # the schedule's decay may change where it leaves the trained steps alone (the module checks that on resume)
+    "decay_steps",
     # decoding: what validation and predict generate, not what trains
     "decoder",
     "generation_defaults",

@@ -95,6 +95,27 @@ def test_stage2_kill_mid_epoch_resume_is_bit_identical(synthetic_dir, stage2_str
     assert_same_tensors(last, stage2_straight / "last.ckpt")
 
 
+def test_constant_run_resumed_with_a_cooldown_equals_a_decay_run_from_the_start(synthetic_dir, tmp_path):
+    """Warmup-stable-decay: a run trained at a constant rate, resumed with ``--model.decay_steps`` whose decay starts
+    at its checkpoint, ends bit-identical to a run that had the decay configured from the first step."""
+    cfg = _callbacks_yaml(tmp_path / "every_step.yaml")  # 2 epochs of 5 steps
+    decay = f"--model.decay_steps={STEPS_PER_EPOCH}"  # the second epoch decays
+    straight = run("fit", stage2_args(synthetic_dir, tmp_path / "straight", "-c", str(cfg), decay))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    root = tmp_path / "cooled"
+    first = run("fit", stage2_args(synthetic_dir, root, "-c", str(cfg), "--trainer.max_epochs=1"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = root / "checkpoints" / "last.ckpt"
+    stored = torch.load(last, map_location="cpu", weights_only=True)["lr_schedule"]
+    assert stored == {"warmup_steps": 5, "decay_steps": 0, "total_steps": None}
+    done = run("fit", stage2_args(synthetic_dir, root, "-c", str(cfg), decay, "--ckpt_path", "last"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = torch.load(last, map_location="cpu", weights_only=True)
+    assert final["global_step"] == 2 * STEPS_PER_EPOCH
+    assert final["lr_schedule"] == {"warmup_steps": 5, "decay_steps": 5, "total_steps": 10}
+    assert_same_tensors(last, tmp_path / "straight" / "checkpoints" / "last.ckpt")
+
+
 def test_stage1_kill_mid_epoch_resume_is_bit_identical(synthetic_dir, tmp_path):
     def args_for(root: Path, *extra: str) -> list[str]:
         return stage1_args(synthetic_dir, root, *STAGE1, *extra)
@@ -144,6 +165,8 @@ def _damage(kind: str, path: Path) -> None:
         ("other_llm", ("--model.llm=tiny-random-gqa",), "llm"),
         ("other_adapter", ("--model.adapter=linear",), "adapter"),
         ("changed_config", ("--model.lr=0.01", "--data.batch_size=4"), "changed config"),
+        # a decay over the last 4 of 4 steps would have lowered the rate of the 2 steps already trained
+        ("decay_before_the_step", ("--model.decay_steps=4",), "learning-rate schedule differs"),
     ],
 )
 def test_failed_resume_is_one_line_and_keeps_checkpoints(

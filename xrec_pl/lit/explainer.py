@@ -72,6 +72,9 @@ class ExplainerModule(FrozenLMModule):
         weight_decay: decoupled weight decay (AdamW) / L2 (Adam).
         optimizer: ``"adamw"`` or ``"adam"`` (XRec: Adam).
         warmup_steps: linear learning-rate warmup over this many optimizer steps (0: constant).
+        decay_steps: linear decay of the learning rate towards zero over the last this-many optimizer steps of the
+            run (warmup-stable-decay; 0: constant to the end). A run trained at a constant rate may be resumed with a
+            decay that starts at or after its checkpoint's step (a cooldown); anything else is refused.
         max_new_tokens: generation budget per explanation.
         decoder: ``"compact"`` (greedy with a KV cache, finished rows leave the batch; default) or ``"hf"``
             (``llm.generate``); the tokens are the same.
@@ -117,6 +120,7 @@ class ExplainerModule(FrozenLMModule):
         weight_decay: float = 0.0,
         optimizer: OptimizerName = "adamw",
         warmup_steps: int = 0,
+        decay_steps: int = 0,
         max_new_tokens: int = 128,
         decoder: Decoder = "compact",
         gradient_checkpointing: bool = False,

@@ -11,13 +11,14 @@ arguments), then :meth:`init_frozen_llm`, and provides:
 
 It holds the loss (:mod:`xrec_pl.models.lm_loss`), the train/val/test steps (token-level mean cross-entropy over the
 whole split, all ranks), the optimizer, the modes (the LLM always in eval mode) and the trainable-only checkpoints.
-The hparams it reads: ``lr``, ``weight_decay``, ``optimizer``, ``warmup_steps``, ``gradient_checkpointing`` and the
-generation settings (:class:`~xrec_pl.lit.generation.GenerationMixin`).
+The hparams it reads: ``lr``, ``weight_decay``, ``optimizer``, ``warmup_steps``, ``decay_steps``,
+``gradient_checkpointing`` and the generation settings (:class:`~xrec_pl.lit.generation.GenerationMixin`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,9 +28,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from xrec_pl.data.prompts import IGNORE_INDEX
+from xrec_pl.errors import DataError
 from xrec_pl.lit.checkpoint import load_validated, save_trainable
 from xrec_pl.lit.generation import GenerationMixin
-from xrec_pl.lit.optim import OptimizerName, adam_with_warmup
+from xrec_pl.lit.optim import OptimizerName, adam_with_warmup, schedules_agree
 from xrec_pl.models.decoding import check_hf_scope
 from xrec_pl.models.explainer import Decoder, load_seeded_llm
 from xrec_pl.models.llm import get_llm_info, set_layer_checkpointing
@@ -77,6 +79,8 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
         self._llm_buffers = non_weight_buffers(self.llm)  # fp32 rotary frequencies, put back after a bf16-true cast
         self._predictions: list[dict[str, Any]] = []
         self._eval_totals = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count) of the running eval epoch
+        self._lr_schedule: dict[str, Any] | None = None  # set by configure_optimizers, saved in checkpoints
+        self._resumed_schedule: tuple[Mapping[str, Any], int, str] | None = None  # (schedule, step, file) on load
 
     def check_hparams(self, choices: Mapping[str, Any] | None = None, positive: tuple[str, ...] = ()) -> None:
         """Refuse switches outside their ``Literal`` (``decoder``, ``optimizer`` and ``choices``: name -> Literal) and
@@ -89,6 +93,8 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
                 raise ValueError(f"{name} must be positive, got {hp[name]}")
         if hp.weight_decay < 0 or hp.warmup_steps < 0:
             raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {hp.weight_decay} and {hp.warmup_steps}")
+        if hp.get("decay_steps", 0) < 0:
+            raise ValueError(f"decay_steps must be >= 0, got {hp.decay_steps}")
 
     def enable_gradient_checkpointing(self) -> None:
         """Recompute the decoder layers in backward (non-reentrant) when ``hparams.gradient_checkpointing``."""
@@ -203,7 +209,36 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
             )
             return None
         hp = self.hparams
-        return adam_with_warmup(params, hp.optimizer, hp.lr, hp.weight_decay, hp.warmup_steps)
+        schedule = {"warmup_steps": int(hp.warmup_steps), "decay_steps": int(hp.get("decay_steps", 0))}
+        schedule["total_steps"] = None
+        if schedule["decay_steps"] > 0:
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("decay_steps needs a run of known length: set trainer.max_epochs or trainer.max_steps")
+            schedule["total_steps"] = int(total)
+        self._check_resumed_schedule(schedule)
+        self._lr_schedule = schedule
+        return adam_with_warmup(params, hp.optimizer, hp.lr, hp.weight_decay, **schedule)
+
+    def _check_resumed_schedule(self, schedule: dict[str, Any]) -> None:
+        """On resume, the learning-rate schedule may change only after the checkpoint's step (``DataError`` if not):
+        e.g. a run trained at a constant rate may be continued with a decay that starts where the checkpoint stops."""
+        resumed, self._resumed_schedule = self._resumed_schedule, None
+        if resumed is None or self._trainer is None or self.trainer.ckpt_path is None:
+            return
+        stored, step, where = resumed
+        # step + 1: the rate of the next step was already set (the scheduler steps before a checkpoint is written)
+        if not schedules_agree(stored, schedule, step + 1):
+            decay, total = schedule["decay_steps"], schedule["total_steps"]
+            why = (
+                f"a decay over the last {decay} of {total} steps starts at step {total - decay}"
+                if decay
+                else f"the stored run decays over its last {stored.get('decay_steps')} steps"
+            )
+            raise DataError(
+                f"{where}: the learning-rate schedule differs from the checkpoint's up to its step {step} ({why}); "
+                "keep the stored schedule, let the decay start at or after that step, or start a new run folder"
+            )
 
     # ------------------------------------------------------------------------------------------ precision
     def _restore_llm_buffers(self) -> None:
@@ -241,11 +276,19 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the trainable weights (never the frozen LLM) and record what they were trained with."""
         save_trainable(self, checkpoint, {"llm": self.llm_info.to_dict(), **self.arm_identity()})
+        if self._lr_schedule is not None:
+            checkpoint["lr_schedule"] = dict(self._lr_schedule)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse checkpoints of another LLM/arm, or with missing/unexpected trainable keys (``DataError``)."""
         where = (self._trainer.ckpt_path if self._trainer is not None else None) or "checkpoint"
         self.accept_checkpoint(checkpoint, str(where))
+        # the schedule the checkpoint was trained with (before decay_steps existed: warmup, then constant)
+        stored = checkpoint.get("lr_schedule")
+        if not isinstance(stored, Mapping):
+            hp = checkpoint.get("hyper_parameters") or {}
+            stored = {"warmup_steps": hp.get("warmup_steps", 0), "decay_steps": hp.get("decay_steps", 0)}
+        self._resumed_schedule = (stored, int(checkpoint.get("global_step") or 0), str(where))
 
     def accept_checkpoint(self, checkpoint: dict[str, Any], where: str) -> None:
         """The one validated load (:func:`~xrec_pl.lit.checkpoint.load_validated`) of ``checkpoint`` (read from

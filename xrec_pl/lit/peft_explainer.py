@@ -66,6 +66,9 @@ class PeftExplainerModule(FrozenLMModule):
         weight_decay: decoupled weight decay (AdamW) / L2 (Adam).
         optimizer: ``"adamw"`` or ``"adam"``.
         warmup_steps: linear learning-rate warmup over this many optimizer steps (0: constant).
+        decay_steps: linear decay of the learning rate towards zero over the last this-many optimizer steps of the
+            run (warmup-stable-decay; 0: constant to the end). A run trained at a constant rate may be resumed with a
+            decay that starts at or after its checkpoint's step (a cooldown); anything else is refused.
         max_new_tokens: generation budget per explanation.
         decoder: ``"compact"`` or ``"hf"`` (see :class:`~xrec_pl.lit.explainer.ExplainerModule`).
         gradient_checkpointing: recompute decoder layers in backward (non-reentrant).
@@ -92,6 +95,7 @@ class PeftExplainerModule(FrozenLMModule):
         weight_decay: float = 0.0,
         optimizer: OptimizerName = "adamw",
         warmup_steps: int = 0,
+        decay_steps: int = 0,
         max_new_tokens: int = 128,
         decoder: Decoder = "compact",
         gradient_checkpointing: bool = False,
