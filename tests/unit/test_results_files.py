@@ -149,3 +149,59 @@ def test_fifth_epoch_summaries_agree_with_the_committed_run():
         e: json.loads((arms / e / "metrics.json").read_text())["stage2"]["val/loss"] for e in ("fixed-e4", "fixed-e5")
     }
     assert val["fixed-e5"] < val["fixed-e4"]  # the validation loss still falls: FINDINGS' "picked on test" caveat
+
+
+SELECTION = REPO_ROOT / "results" / "amazon-selection"
+
+
+def test_validation_decodes_follow_the_validation_split(amazon_dir):
+    """results/amazon-selection: every decode covers the 295 validation records, in val.pkl order, texts ours only."""
+    from xrec_pl.data.io import safe_load_pickle
+
+    frame = safe_load_pickle(amazon_dir / "val.pkl")
+    order = list(zip(frame["uid"].astype(int), frame["iid"].astype(int)))
+    files = sorted(SELECTION.glob("*.val.predictions.jsonl"))
+    assert len(files) == 8
+    for path in files:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        assert [(r["uid"], r["iid"]) for r in rows] == order and len(order) == 295, path.name
+        assert all(set(r) == {"uid", "iid", "prediction"} and r["prediction"].strip() for r in rows), path.name
+        summary = json.loads((SELECTION / path.name.replace(".predictions.jsonl", ".json")).read_text())
+        assert summary["n"] == 295 and summary["empty_predictions"] == 0
+
+
+def test_the_validation_split_picks_the_checkpoint_the_test_split_ranks_first():
+    """FINDINGS §1: among the fixed arm's checkpoints (3, 4, 5 epochs, 5 + a cooldown epoch), BERTScore-F1 over the
+    whole validation split picks four epochs — the best on test too — where the validation loss picks the cooldown."""
+    arms = REPO_ROOT / "results" / "amazon-arms"
+    runs = ("fixed-e3", "fixed-e4", "fixed-e5", "fixed-e6cd")
+    val_f1 = {r: json.loads((SELECTION / f"{r}.val.json").read_text())["bertscore_f1"] for r in runs}
+    test_f1 = {r: json.loads((arms / r / "metrics.json").read_text())["explanations"]["bertscore_f1"] for r in runs[1:]}
+    val_loss = {r: json.loads((arms / r / "metrics.json").read_text())["stage2"]["val/loss"] for r in runs[1:]}
+    assert max(val_f1, key=val_f1.get) == "fixed-e4" == max(test_f1, key=test_f1.get)
+    assert min(val_loss, key=val_loss.get) == "fixed-e6cd"
+    for name, other in (("e4_vs_e3", "fixed-e3"), ("e4_vs_e5", "fixed-e5"), ("e6cd_vs_e4", "fixed-e6cd")):
+        test = json.loads((SELECTION / f"{name}.val.json").read_text())["tests"]["bertscore_f1"]
+        assert test["n"] == 295
+        mine = test["mean_a"] if name.startswith("e4_") else test["mean_b"]
+        assert abs(mine - val_f1["fixed-e4"]) < 1e-6, name
+        assert abs((test["mean_b"] if name.startswith("e4_") else test["mean_a"]) - val_f1[other]) < 1e-6, name
+    # the cooldown: lower validation loss than five epochs and a better test score, still short of the release
+    tests = _paired_f1_of_run(arms / "fixed-e6cd", ("release", "medoid", "e5", "e4"))
+    assert tests["release"]["ci_high"] < 0 and tests["e5"]["ci_low"] > 0
+    assert json.loads((arms / "fixed-e6cd" / "metrics.json").read_text())["stage2"]["lr-AdamW"] < 1e-5
+
+
+def test_no_decoding_variant_beats_the_default_on_the_validation_split():
+    """Longer outputs (min_new_tokens 48/60), a 4-gram ban or a repetition penalty on the 4-epoch checkpoint: none
+    raises validation F1 above greedy with the 3-gram ban; longer outputs buy recall and pay it in precision."""
+    base = json.loads((SELECTION / "fixed-e4.val.json").read_text())
+    for variant in ("min48", "min60", "ng4", "rp11"):
+        tests = json.loads((SELECTION / f"e4-{variant}_vs_e4.val.json").read_text())["tests"]
+        own = json.loads((SELECTION / f"fixed-e4-{variant}.val.json").read_text())
+        assert abs(tests["bertscore_f1"]["mean_a"] - own["bertscore_f1"]) < 1e-6
+        assert abs(tests["bertscore_f1"]["mean_b"] - base["bertscore_f1"]) < 1e-6
+        assert tests["bertscore_f1"]["mean_diff"] < 0 and tests["bertscore_f1"]["ci_high"] < 0.003, variant
+    for variant in ("min48", "min60"):
+        tests = json.loads((SELECTION / f"e4-{variant}_vs_e4.val.json").read_text())["tests"]
+        assert tests["bertscore_recall"]["ci_low"] > 0 and tests["bertscore_precision"]["ci_high"] < 0
