@@ -271,6 +271,12 @@ OPT_FAULTS: list[tuple[str, Callable[[Ctx], list[str]], list[str]]] = [
     ("s2-lr-zero", lambda c: s2("fit", c, "--model.lr=0"), ["lr"]),
     ("s2-max-new-tokens-0", lambda c: s2("fit", c, "--model.max_new_tokens=0"), ["max_new_tokens"]),
     ("s2-warmup-negative", lambda c: s2("fit", c, "--model.warmup_steps=-3"), ["warmup_steps"]),
+    ("s2-decay-negative", lambda c: s2("fit", c, "--model.decay_steps=-2"), ["decay_steps"]),
+    (
+        "s2-decay-too-long",
+        lambda c: s2("fit", c, "--model.decay_steps=500", "--trainer.max_steps=3"),
+        ["model.decay_steps (500)", "3 optimizer steps"],
+    ),
     ("s1-dim-neg", lambda c: s1_fit(c, "--model.dim=-5"), ["dim=-5"]),
     ("s1-lr-negative", lambda c: s1_fit(c, "--model.lr=-0.1"), ["lr"]),
     ("s1-layers-neg", lambda c: s1_fit(c, "--model.num_layers=-1"), ["num_layers=-1"]),

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from xrec_pl.data.prompts import IGNORE_INDEX
-from xrec_pl.errors import DataError
+from xrec_pl.errors import ConfigError, DataError
 from xrec_pl.lit.checkpoint import load_validated, save_trainable
 from xrec_pl.lit.generation import GenerationMixin
 from xrec_pl.lit.optim import OptimizerName, adam_with_warmup, schedules_agree
@@ -214,7 +214,11 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
         if schedule["decay_steps"] > 0:
             total = self.trainer.estimated_stepping_batches
             if not math.isfinite(total):
-                raise ValueError("decay_steps needs a run of known length: set trainer.max_epochs or trainer.max_steps")
+                raise ConfigError("model.decay_steps needs a run of known length: set trainer.max_epochs or max_steps")
+            if schedule["decay_steps"] > total:
+                raise ConfigError(
+                    f"model.decay_steps ({schedule['decay_steps']}) is more than the run's {int(total)} optimizer steps"
+                )
             schedule["total_steps"] = int(total)
         self._check_resumed_schedule(schedule)
         self._lr_schedule = schedule
