@@ -43,3 +43,18 @@ def test_optimizer_follows_the_schedule_and_refuses_a_decay_longer_than_the_run(
     assert isinstance(adam_with_warmup([w], "adam", 1e-3, 0.0), torch.optim.Adam)  # no schedule: the bare optimizer
     with pytest.raises(ValueError, match=r"decay_steps \(6\) must be at most the run's optimizer steps \(5\)"):
         adam_with_warmup([w], "adamw", 1e-2, 0.0, decay_steps=6, total_steps=5)
+
+
+def test_a_tampered_schedule_in_a_checkpoint_is_one_data_error(tmp_path):
+    """What a checkpoint says about its schedule is checked before it is used (one line naming the file)."""
+    from tests.fixtures.data import random_embeddings_file
+    from xrec_pl.errors import DataError
+    from xrec_pl.lit.explainer import ExplainerModule
+
+    module = ExplainerModule(llm="tiny-random", embeddings_path=random_embeddings_file(tmp_path, dim=64))
+    good = {"state_dict": {k: v for k, v in module.state_dict().items() if "adapter" in k}, "global_step": 4}
+    module.on_save_checkpoint(good)
+    for bad in ({"lr_schedule": {"warmup_steps": "5"}}, {"lr_schedule": [1, 2]}, {"global_step": -1}):
+        with pytest.raises(DataError, match="lr_schedule/global_step"):
+            module.on_load_checkpoint({**good, **bad})
+    module.on_load_checkpoint(good)  # the untampered checkpoint loads

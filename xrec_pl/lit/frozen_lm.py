@@ -289,10 +289,14 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
         self.accept_checkpoint(checkpoint, str(where))
         # the schedule the checkpoint was trained with (before decay_steps existed: warmup, then constant)
         stored = checkpoint.get("lr_schedule")
-        if not isinstance(stored, Mapping):
+        if stored is None:
             hp = checkpoint.get("hyper_parameters") or {}
             stored = {"warmup_steps": hp.get("warmup_steps", 0), "decay_steps": hp.get("decay_steps", 0)}
-        self._resumed_schedule = (stored, int(checkpoint.get("global_step") or 0), str(where))
+        step = checkpoint.get("global_step") or 0
+        fields = list(stored.values()) if isinstance(stored, Mapping) else [stored]
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in [*fields, step]):
+            raise DataError(f"{where}: lr_schedule/global_step hold something other than non-negative integers")
+        self._resumed_schedule = (stored, int(step), str(where))
 
     def accept_checkpoint(self, checkpoint: dict[str, Any], where: str) -> None:
         """The one validated load (:func:`~xrec_pl.lit.checkpoint.load_validated`) of ``checkpoint`` (read from
