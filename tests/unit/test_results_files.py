@@ -222,3 +222,8 @@ def test_four_epoch_arm_comparison_agrees_with_the_committed_runs():
     assert abs(val["mean_a"] - own["fixed"]) < 1e-6 and abs(val["mean_b"] - own["graph"]) < 1e-6 and val["ci_low"] > 0
     graph = _paired_f1_of_run(arms / "graph-e4", ("release", "medoid", "e3"))
     assert graph["e3"]["ci_low"] > 0 and graph["release"]["ci_high"] < 0
+    swap = json.loads((arms / "graph-e4" / "swap.json").read_text())  # the graph reaches the likelihood, not the score
+    assert swap["n"] == 329 and swap["embedding_source"] == "graph"
+    assert all(swap["nll"][k]["ci_low"] > 0 for k in ("user", "item"))
+    gen = swap["generation"]
+    assert gen["n"] == 64 and all(gen[k]["bertscore_f1_vs_reference"]["ci_high"] > 0 for k in ("user", "item"))
