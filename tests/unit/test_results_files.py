@@ -227,3 +227,17 @@ def test_four_epoch_arm_comparison_agrees_with_the_committed_runs():
     assert all(swap["nll"][k]["ci_low"] > 0 for k in ("user", "item"))
     gen = swap["generation"]
     assert gen["n"] == 64 and all(gen[k]["bertscore_f1_vs_reference"]["ci_high"] > 0 for k in ("user", "item"))
+
+
+def test_four_epoch_graph_soft_prompt_and_buckets_agree_with_findings():
+    """FINDINGS §3/§4 after four epochs: the user slot half shared, the item slot per-record; buckets' one effect."""
+    run = REPO_ROOT / "results" / "amazon-arms" / "graph-e4"
+    soft = json.loads((run / "soft_prompt.json").read_text())
+    shared = {k: v["shared_fraction"] for k, v in soft["layers_summary"].items()}
+    assert all(0.45 < v < 0.55 for k, v in shared.items() if k.startswith("user/"))
+    assert all(v < 0.2 for k, v in shared.items() if k.startswith("item/"))
+    mean = soft["mean_replacement"]
+    assert mean["item"]["ci_low"] > 0.1 and mean["user"]["ci_low"] < 0 < mean["both"]["ci_low"]
+    buckets = json.loads((run / "buckets.json").read_text())
+    assert buckets["n"] == 329 and buckets["first_vs_last"]["bertscore_f1"]["p"] > 0.05
+    assert buckets["first_vs_last"]["nll_item_swap_minus_own"]["p"] * len(buckets["first_vs_last"]) < 0.05
