@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -25,6 +27,31 @@ def test_schedules_agree_exactly_while_the_decay_has_not_started():
     assert not schedules_agree(constant, cooldown, 8)
     assert not schedules_agree(constant, {"warmup_steps": 3}, 1)
     assert schedules_agree(cooldown, dict(cooldown), 10**6)  # identical: no step-by-step walk
+    # a huge step count (a tampered checkpoint) costs no more than the schedules' own length
+    assert not schedules_agree(constant, cooldown, 10**15)
+    assert schedules_agree(constant, {"warmup_steps": 2, "decay_steps": 0, "total_steps": 10**15}, 10**15)
+
+
+def test_the_corner_rule_equals_a_step_by_step_walk():
+    """``schedules_agree`` checks three steps per stretch between corners; on small random schedules it must say
+    exactly what comparing every step says."""
+    rng = random.Random(0)
+
+    def draw():
+        decay = rng.choice([0, 0, rng.randint(1, 12)])
+        return {
+            "warmup_steps": rng.choice([0, rng.randint(1, 8)]),
+            "decay_steps": decay,
+            "total_steps": rng.randint(decay, 30) if decay else None,
+        }
+
+    def walk(a, b, n):
+        ka, kb = (tuple(s.values()) for s in (a, b))
+        return all(lr_factor(step, *ka) == lr_factor(step, *kb) for step in range(n))
+
+    cases = [(draw(), draw(), rng.randint(0, 35)) for _ in range(3000)]
+    assert sum(walk(*c) for c in cases) > 300  # both answers occur
+    assert all(schedules_agree(*c) == walk(*c) for c in cases)
 
 
 def test_optimizer_follows_the_schedule_and_refuses_a_decay_longer_than_the_run():
