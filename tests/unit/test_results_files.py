@@ -161,7 +161,7 @@ def test_validation_decodes_follow_the_validation_split(amazon_dir):
     frame = safe_load_pickle(amazon_dir / "val.pkl")
     order = list(zip(frame["uid"].astype(int), frame["iid"].astype(int)))
     files = sorted(SELECTION.glob("*.val.predictions.jsonl"))
-    assert len(files) == 9
+    assert len(files) == 10
     for path in files:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         assert [(r["uid"], r["iid"]) for r in rows] == order and len(order) == 295, path.name
@@ -241,3 +241,17 @@ def test_four_epoch_graph_soft_prompt_and_buckets_agree_with_findings():
     buckets = json.loads((run / "buckets.json").read_text())
     assert buckets["n"] == 329 and buckets["first_vs_last"]["bertscore_f1"]["p"] > 0.05
     assert buckets["first_vs_last"]["nll_item_swap_minus_own"]["p"] * len(buckets["first_vs_last"]) < 0.05
+
+
+def test_a_decayed_fourth_epoch_lowers_the_loss_not_the_f1():
+    """FINDINGS §1: four epochs with the fourth decaying to zero vs four at a constant rate (matched)."""
+    arms = REPO_ROOT / "results" / "amazon-arms"
+    loss = {
+        r: json.loads((arms / r / "metrics.json").read_text())["stage2"]["val/loss"] for r in ("fixed-e4", "fixed-e4cd")
+    }
+    assert loss["fixed-e4cd"] < loss["fixed-e4"]
+    tests = _paired_f1_of_run(arms / "fixed-e4cd", ("release", "medoid", "e4"))
+    assert tests["release"]["ci_high"] < 0 and tests["e4"]["mean_diff"] < 0 < tests["e4"]["ci_high"]
+    val = json.loads((SELECTION / "e4cd_vs_e4.val.json").read_text())["tests"]["bertscore_f1"]
+    own = json.loads((SELECTION / "fixed-e4cd.val.json").read_text())["bertscore_f1"]
+    assert abs(val["mean_a"] - own) < 1e-6 and val["mean_diff"] < 0
