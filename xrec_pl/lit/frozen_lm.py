@@ -93,7 +93,7 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
                 raise ValueError(f"{name} must be positive, got {hp[name]}")
         if hp.weight_decay < 0 or hp.warmup_steps < 0:
             raise ValueError(f"weight_decay and warmup_steps must be >= 0, got {hp.weight_decay} and {hp.warmup_steps}")
-        if hp.get("decay_steps", 0) < 0:
+        if hp.decay_steps < 0:
             raise ValueError(f"decay_steps must be >= 0, got {hp.decay_steps}")
 
     def enable_gradient_checkpointing(self) -> None:
@@ -209,16 +209,14 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
             )
             return None
         hp = self.hparams
-        schedule = {"warmup_steps": int(hp.warmup_steps), "decay_steps": int(hp.get("decay_steps", 0))}
-        schedule["total_steps"] = None
-        if schedule["decay_steps"] > 0:
+        decay = int(hp.decay_steps)
+        schedule = {"warmup_steps": int(hp.warmup_steps), "decay_steps": decay, "total_steps": None}
+        if decay > 0:
             total = self.trainer.estimated_stepping_batches
             if not math.isfinite(total):
                 raise ConfigError("model.decay_steps needs a run of known length: set trainer.max_epochs or max_steps")
-            if schedule["decay_steps"] > total:
-                raise ConfigError(
-                    f"model.decay_steps ({schedule['decay_steps']}) is more than the run's {int(total)} optimizer steps"
-                )
+            if decay > total:
+                raise ConfigError(f"model.decay_steps ({decay}) is more than the run's {int(total)} optimizer steps")
             schedule["total_steps"] = int(total)
         self._check_resumed_schedule(schedule)
         self._lr_schedule = schedule
@@ -293,8 +291,8 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
             hp = checkpoint.get("hyper_parameters") or {}
             stored = {"warmup_steps": hp.get("warmup_steps", 0), "decay_steps": hp.get("decay_steps", 0)}
         step = checkpoint.get("global_step") or 0
-        fields = list(stored.values()) if isinstance(stored, Mapping) else [stored]
-        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) for v in [*fields, step]):
+        counts = [*stored.values(), step] if isinstance(stored, Mapping) else [stored]
+        if not all(v is None or (type(v) is int and v >= 0) for v in counts):
             raise DataError(f"{where}: lr_schedule/global_step hold something other than non-negative integers")
         self._resumed_schedule = (stored, int(step), str(where))
 
