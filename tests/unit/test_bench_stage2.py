@@ -44,7 +44,7 @@ def test_bench_random_tiny_end_to_end(synthetic_dir, tmp_path):
     assert gen["texts_equal"] + gen["texts_differ"] == 4
     assert gen["texts_equal"] == 4
     steps = result["ablation"]["steps"]
-    assert len(steps) == 5 and steps[0]["vs_first"] == 1.0 and all(s["samples_per_s"] > 0 for s in steps)
+    assert len(steps) == 6 and steps[0]["vs_first"] == 1.0 and all(s["samples_per_s"] > 0 for s in steps)
     table = stage2.format_table(result, quick=True)
     assert "train samples/s" in table and "quick" in table
 
@@ -110,3 +110,19 @@ def test_bench_with_bf16_weights_keeps_an_fp32_reference(synthetic_dir):
     assert (machine["ours_llm_dtype"], machine["reference_llm_dtype"]) == ("torch.bfloat16", "torch.float32")
     assert result["stage2"]["ours_samples_per_s"] > 0 and result["generation"]["ours_new_tokens_per_s"] > 0
     assert result["generation"]["texts_equal"] + result["generation"]["texts_differ"] == 2
+
+
+def test_xrec_pl_bench_times_the_llm_dtype_the_configs_ship(monkeypatch, tmp_path):
+    """``xrec-pl bench`` puts our side on the shipped configs' dtype (bf16 weights on a bf16 CPU) unless told."""
+    import xrec_pl.models.llm as llm_mod
+    import xrec_pl.tools.bench as bench_mod
+    import xrec_pl.tools.bench.stage2 as stage2_mod
+
+    seen = []
+    monkeypatch.setattr(stage2_mod, "run_stage2_bench", lambda *a, **k: seen.append(k["llm_dtype"]) or {})
+    for native, expected in ((True, "bfloat16"), (False, "auto")):
+        monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda native=native: native)
+        bench_mod.bench(parts=["stage2"], out=str(tmp_path / f"{native}.json"))
+        assert seen[-1] == expected
+    bench_mod.bench(parts=["generation"], out=str(tmp_path / "f32.json"), llm_dtype="float32")
+    assert seen[-1] == "float32"

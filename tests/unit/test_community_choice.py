@@ -108,7 +108,14 @@ def test_shared_prefix_scoring_equals_the_full_forward(synthetic_dir, emb_path, 
     batch = _variant_batch(module, dm, phrases)
     calls = []
     real = explainer_net.grouped_hidden_states
-    monkeypatch.setattr(explainer_net, "grouped_hidden_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    group = len(phrases)
+
+    def counted(*a, **k):  # the community path's calls (the plain forward shares the batch's prompt prefix: group B)
+        if a[3] == group:
+            calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(explainer_net, "grouped_hidden_states", counted)
     plain = sequence_nll(module, batch)
     grouped = sequence_nll(module, batch, group=len(phrases))
     assert calls == [1]  # the shared-prefix path ran

@@ -51,7 +51,15 @@ from xrec_pl.models.adapters import AdapterKind, build_adapter, eval_mode
 from xrec_pl.models.decoding import Sampling, check_hf_scope, greedy_with_config
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
 from xrec_pl.models.llm import load_frozen_llm
-from xrec_pl.models.lm_loss import common_prefix_lengths, decoder_hidden_states, grouped_hidden_states, token_nll
+from xrec_pl.models.lm_loss import (
+    attention_implementation,
+    causal_suffices,
+    common_prefix_lengths,
+    decoder_hidden_states,
+    grouped_hidden_states,
+    teacher_forcing_attention,
+    token_nll,
+)
 from xrec_pl.models.sources import EmbeddingSource, EmbeddingSourceKind
 
 __all__ = ["Decoder", "GraphConditionedLM", "decode", "load_seeded_llm"]
@@ -214,8 +222,50 @@ class GraphConditionedLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------ loss
     def hidden_states(self, batch: dict[str, Any]) -> Tensor:
-        """Last hidden states ``(B, T, H)`` of the batch's tokens, under the injection context in force."""
-        return decoder_hidden_states(self.llm, batch["input_ids"], batch["attention_mask"])
+        """Last hidden states ``(B, T, H)`` of the batch's tokens, under the injection context in force.
+
+        The prompt's tokens before the first reserved token are the same in every row and nothing trainable reaches
+        them (the injection starts at the reserved tokens, attention is causal): where :meth:`frozen_prefix_length`
+        allows it, they run once per batch (one row, injection paused, nothing for backward to do) and every row
+        continues from their KV cache (:func:`~xrec_pl.models.lm_loss.grouped_hidden_states`). The same states up to
+        floating-point order; the prefix's forward and backward work is skipped.
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        prefix = self.frozen_prefix_length(batch)
+        if not prefix:
+            return decoder_hidden_states(self.llm, ids, mask)
+        with attention_implementation(self.llm, "eager"):
+            return grouped_hidden_states(
+                self.llm,
+                ids,
+                mask,
+                ids.shape[0],
+                ids.new_tensor([prefix]),
+                lambda firsts: self.injector.paused(),
+                rest_context=lambda: self.injector.starting_at(prefix),
+            )
+
+    def frozen_prefix_length(self, batch: dict[str, Any]) -> int:
+        """Leading tokens every row shares before any reserved token, when running them once pays (else 0).
+
+        Only in training (gradients on: the skipped work is mostly the prefix's backward; evaluation forwards keep
+        one plain forward, whose positions the analysis tools' own hooks read), where teacher forcing runs eager
+        attention (a CPU, no activation checkpointing: the continuations attend to a cache through an explicit mask,
+        which the CPU's SDPA kernels ran several times slower), and for right-padded batches; each row keeps at
+        least one token of its own.
+        """
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if not torch.is_grad_enabled() or mask is None or causal_suffices(mask) is not None:
+            return 0
+        if teacher_forcing_attention(self.llm, ids.device) != "eager":
+            return 0
+        shared = int(common_prefix_lengths(ids, mask.sum(1), ids.shape[0])[0])
+        if "user_pos" in batch and "item_pos" in batch:
+            reserved = torch.cat([batch["user_pos"].flatten(), batch["item_pos"].flatten()])
+            reserved = reserved[reserved >= 0]
+            if reserved.numel():
+                shared = min(shared, int(reserved.min()))
+        return max(shared, 0)
 
     def token_nll(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         """Cross-entropy of every labelled token ``(N,)`` and its batch row ``(N,)``, under the context in force.
@@ -242,9 +292,10 @@ class GraphConditionedLM(nn.Module):
         def prefix_context(firsts: Tensor) -> contextlib.AbstractContextManager:
             return self.injecting({key: batch[key][firsts] for key in keys})
 
-        hidden = grouped_hidden_states(
-            self.llm, batch["input_ids"], batch["attention_mask"], group, shared, prefix_context
-        )
+        with torch.no_grad():  # scoring only
+            hidden = grouped_hidden_states(
+                self.llm, batch["input_ids"], batch["attention_mask"], group, shared, prefix_context
+            )
         return token_nll(self.llm, hidden, batch["labels"])
 
     @staticmethod

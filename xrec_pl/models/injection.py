@@ -130,6 +130,8 @@ class EmbeddingInjector:
         self._vectors: Tensor | None = None  # (N, H) in the LLM dtype
         self._batch_size = 0
         self._max_position = -1
+        self._offset = 0  # sequence position of the first token the forward sees (a cached prefix holds the rest)
+        self._paused = False
 
     # ---------------------------------------------------------------- hooks lifetime
 
@@ -214,16 +216,43 @@ class EmbeddingInjector:
             if not was_installed:
                 self.remove()
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside the block inject nothing (a shared prompt prefix before the reserved tokens)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    @contextmanager
+    def starting_at(self, offset: int) -> Iterator[None]:
+        """Forwards inside the block see the sequence from position ``offset`` on (the tokens before it are in the
+        KV cache): the context's positions are shifted by ``offset``; none may lie before it."""
+        self._offset = offset
+        try:
+            yield
+        finally:
+            self._offset = 0
+
     # ---------------------------------------------------------------- hook bodies
 
     def _slots(self, output: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
         """(rows, cols, vectors) for this output, or None when nothing is to be injected."""
         if self._vectors is None or output.dim() != 3 or output.shape[1] <= 1 or self._rows.numel() == 0:
             return None  # no context, or a cached decoding step (one token)
+        if self._paused:
+            return None
         batch, seq = output.shape[:2]
-        if self._max_position >= seq:
-            raise IndexError(f"injection position {self._max_position} is outside the sequence of length {seq}")
+        if self._max_position - self._offset >= seq:
+            raise IndexError(
+                f"injection position {self._max_position} is outside the sequence of length {seq + self._offset}"
+            )
         rows, cols, vectors = self._rows, self._cols, self._vectors
+        if self._offset:
+            cols = cols - self._offset
+            if bool((cols < 0).any()):
+                raise IndexError(f"an injection position lies in the cached prefix (before {self._offset})")
         if batch != self._batch_size:
             # generate() expands the batch for num_return_sequences / beams: row b becomes rows b*k .. b*k+k-1
             if batch % self._batch_size:

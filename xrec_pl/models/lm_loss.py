@@ -7,8 +7,9 @@ prompts. This assumes a plain linear head (Llama family); models with logit soft
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,63 @@ def causal_suffices(mask: Tensor | None) -> Tensor | None:
 
 
 def decoder_hidden_states(llm: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Last hidden states ``(B, T, H)`` of the decoder (no LM head, no cache)."""
-    return llm.get_decoder()(
-        input_ids=input_ids, attention_mask=causal_suffices(attention_mask), use_cache=False
-    ).last_hidden_state
+    """Last hidden states ``(B, T, H)`` of the decoder (no LM head, no cache), with :func:`teacher_forcing_attention`."""
+    with attention_implementation(llm, teacher_forcing_attention(llm, input_ids.device)):
+        return llm.get_decoder()(
+            input_ids=input_ids, attention_mask=causal_suffices(attention_mask), use_cache=False
+        ).last_hidden_state
+
+
+def teacher_forcing_attention(llm: nn.Module, device: torch.device) -> str | None:
+    """The attention kernel of a plain teacher-forced forward (training, losses): ``"eager"`` on a CPU, else
+    ``None`` (the kernel the LLM was loaded with, SDPA).
+
+    Measured on a 2-core CPU with avx512_bf16 (docs/PERFORMANCE.md): with bf16 weights the CPU flash-attention
+    kernel's backward took ~4x its forward, and eager attention made a training step 9-17 % faster (a forward alone
+    8 %); with fp32 weights the two were equally fast. Generation keeps SDPA: its cached steps with a padding mask were
+    slower under eager. Not switched under activation checkpointing, which re-runs the layers' forward during
+    backward, outside the switch.
+    """
+    if not _CPU_EAGER.get() or device.type != "cpu" or _checkpointing(llm):
+        return None
+    return "eager"
+
+
+_CPU_EAGER: ContextVar[bool] = ContextVar("cpu_eager_teacher_forcing", default=True)
+
+
+@contextmanager
+def cpu_eager_teacher_forcing(on: bool) -> Iterator[None]:
+    """Switch :func:`teacher_forcing_attention`'s CPU rule (and with it the shared-prefix split of training) on or
+    off inside the block: the bench's ablation measures what each buys."""
+    token = _CPU_EAGER.set(on)
+    try:
+        yield
+    finally:
+        _CPU_EAGER.reset(token)
+
+
+def _checkpointing(llm: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) and m.training for m in llm.modules())
+
+
+@contextmanager
+def attention_implementation(llm: nn.Module, name: str | None) -> Iterator[None]:
+    """Run ``llm``'s attention with the kernel ``name`` inside the block (``None`` or unsupported: unchanged).
+
+    The same maths under another kernel (floating-point order aside); the setting is put back on leaving.
+    """
+    config = getattr(llm, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    setter = getattr(llm, "set_attn_implementation", None)
+    if name is None or current is None or current == name or setter is None:
+        yield
+        return
+    setter(name)
+    try:
+        yield
+    finally:
+        setter(current)
 
 
 def token_nll(llm: nn.Module, hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -73,7 +127,6 @@ def common_prefix_lengths(input_ids: Tensor, lengths: Tensor, group: int) -> Ten
     return torch.minimum(shared, lengths.min(1).values - 1)
 
 
-@torch.no_grad()
 def grouped_hidden_states(
     llm: nn.Module,
     input_ids: Tensor,
@@ -81,6 +134,7 @@ def grouped_hidden_states(
     group: int,
     prefix_lengths: Tensor,
     prefix_context: Callable[[Tensor], AbstractContextManager],
+    rest_context: Callable[[], AbstractContextManager] | None = None,
 ) -> Tensor:
     """Last hidden states ``(B, T, H)`` of a right-padded batch whose rows come in groups sharing a token prefix.
 
@@ -88,7 +142,9 @@ def grouped_hidden_states(
     group's injection), and each row's own continuation runs on a copy of that prefix's KV cache (outside the
     context: nothing in a continuation is injected). The result equals :func:`decoder_hidden_states` of the whole
     batch up to floating-point order, for ``group`` times less prefix work: the forced-choice community test scores
-    four variants of one explanation that differ only from the community's name on.
+    four variants of one explanation that differ only from the community's name on, and training runs the prompt's
+    shared start once per batch (one group of the whole batch, the injection paused in the prefix and shifted in the
+    continuations by ``rest_context``).
 
     Args:
         llm: the causal LM.
@@ -98,6 +154,7 @@ def grouped_hidden_states(
         prefix_lengths: ``(B / group,)`` tokens each group shares (:func:`common_prefix_lengths`), each at least 1
             and below every row length of its group.
         prefix_context: context for the prefix forward, given the ``(G,)`` batch rows that represent each group.
+        rest_context: context for the continuations' forward (default: none).
     """
     rows, width = input_ids.shape
     groups = rows // group
@@ -118,9 +175,14 @@ def grouped_hidden_states(
     rest_ids = input_ids.gather(1, take)
     cached = torch.arange(longest_prefix, device=input_ids.device)[None] < own[:, None]  # (B, P) the real prefix
     mask = torch.cat([cached, torch.ones_like(take, dtype=torch.bool)], dim=1).long()  # continuations' pads: causal
-    rest_hidden = decoder(
-        input_ids=rest_ids, attention_mask=mask, position_ids=own[:, None] + steps, use_cache=True, **{keyword: cache}
-    ).last_hidden_state
+    with rest_context() if rest_context is not None else nullcontext():
+        rest_hidden = decoder(
+            input_ids=rest_ids,
+            attention_mask=mask,
+            position_ids=own[:, None] + steps,
+            use_cache=True,
+            **{keyword: cache},
+        ).last_hidden_state
     # position t of row b: the group's prefix state below own[b], the row's continuation state from there to its end
     t = torch.arange(width, device=input_ids.device)[None]  # (1, T)
     size = rest_hidden.shape[-1]

@@ -22,6 +22,7 @@ def bench(
     threads: int | None = None,
     precision: str = "32-true",
     llm: str = "embedded",
+    llm_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Benchmark xrec-pl against reference-style implementations; print a table and write JSON.
 
@@ -34,6 +35,9 @@ def bench(
         precision: Stage-2 precision of our side (``32-true`` or ``bf16-mixed``; the reference stays fp32).
         llm: Stage-2 LLM: ``embedded``, ``random-7b`` (Llama-2-7B dimensions, random bf16 weights, CUDA) or
             ``random-tiny``.
+        llm_dtype: Dtype of our frozen LLM (``auto``, ``bfloat16``, ``float32``); default: what the shipped configs
+            use, ``bfloat16`` weights on a CPU with native bf16 instructions, else ``auto``. The reference stays
+            ``auto`` (fp32 on a CPU).
     """
     parts = list(parts or PARTS)
     unknown = sorted(set(parts) - set(PARTS))
@@ -51,9 +55,27 @@ def bench(
         from xrec_pl.tools.bench.stage2 import run_stage2_bench
 
         stage2_parts = [p for p in parts if p != "stage1"]
+        dtype = llm_dtype or shipped_llm_dtype()
         results.update(
-            run_stage2_bench(data_dir, parts=stage2_parts, quick=quick, llm=llm, threads=threads, precision=precision)
+            run_stage2_bench(
+                data_dir,
+                parts=stage2_parts,
+                quick=quick,
+                llm=llm,
+                threads=threads,
+                precision=precision,
+                llm_dtype=dtype,
+            )
         )
     dump_json(Path(out), results)
     sys.stdout.write(json.dumps(results, indent=2, default=str) + "\n")
     return results
+
+
+def shipped_llm_dtype() -> str:
+    """The LLM dtype of the shipped configs on this machine: bf16 weights on a CPU with native bf16, else ``auto``."""
+    import torch
+
+    from xrec_pl.models.llm import cpu_has_native_bf16
+
+    return "bfloat16" if not torch.cuda.is_available() and cpu_has_native_bf16() else "auto"

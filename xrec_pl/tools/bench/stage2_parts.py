@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from xrec_pl.models.lm_loss import cpu_eager_teacher_forcing
 from xrec_pl.tools.bench.stage2_common import (
     count_params,
     fit_ours,
@@ -106,20 +107,23 @@ def bench_ablation(module, dm, records, opts: dict[str, Any]) -> dict[str, Any]:
     n_targets = sum(sum(1 for x in it["labels"][1:] if x != -100) for it in bucket)
 
     def step(batches, full_logits: bool, attn: str, bf16: bool) -> None:
-        module.llm.set_attn_implementation(attn)
+        # attn "cpu": ours on a CPU (eager teacher forcing, the prompt's shared start once per batch); else that kernel
+        module.llm.set_attn_implementation("sdpa" if attn == "cpu" else attn)
         ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        for b in batches:
-            with module.injecting_batch(b), ctx:
-                loss = full_logits_loss(module.llm, b) if full_logits else module.lm_loss(b)
-            loss.backward()
+        with cpu_eager_teacher_forcing(attn == "cpu"):
+            for b in batches:
+                with module.injecting_batch(b), ctx:
+                    loss = full_logits_loss(module.llm, b) if full_logits else module.lm_loss(b)
+                loss.backward()
         module.zero_grad(set_to_none=True)
 
     configs = [
         ("batch 1, full-vocab logits, eager (reference maths)", singles, True, "eager", False),
         (f"batch {bs} (one length bucket)", [batch], True, "eager", False),
         ("+ LM head at target positions only", [batch], False, "eager", False),
-        ("+ SDPA attention (= ours, fp32)", [batch], False, "sdpa", False),
-        ("+ bf16 autocast", [batch], False, "sdpa", True),
+        ("+ SDPA attention (ours on a GPU)", [batch], False, "sdpa", False),
+        ("+ on a CPU: eager teacher forcing, shared prompt start once (= ours)", [batch], False, "cpu", False),
+        ("+ bf16 autocast", [batch], False, "cpu", True),
     ]
     times: dict[str, list[float]] = {c[0]: [] for c in configs}
     module.train()
