@@ -130,6 +130,7 @@ class EmbeddingInjector:
         self._vectors: Tensor | None = None  # (N, H) in the LLM dtype
         self._batch_size = 0
         self._max_position = -1
+        self._min_position = -1
         self._offset = 0  # sequence position of the first token the forward sees (a cached prefix holds the rest)
         self._paused = False
 
@@ -193,12 +194,13 @@ class EmbeddingInjector:
         self._vectors = vectors.to(device=device, dtype=self.dtype)[valid]  # (N, H)
         self._batch_size = positions.shape[0]
         self._max_position = int(self._cols.max()) if self._cols.numel() else -1
+        self._min_position = int(self._cols.min()) if self._cols.numel() else -1
 
     def clear(self) -> None:
         """Forget the context; hooks stay installed but do nothing."""
         self._rows = self._cols = self._vectors = None
         self._batch_size = 0
-        self._max_position = -1
+        self._max_position = self._min_position = -1
 
     @contextmanager
     def injecting(self, positions: Tensor, vectors: Tensor) -> Iterator[EmbeddingInjector]:
@@ -250,9 +252,9 @@ class EmbeddingInjector:
             )
         rows, cols, vectors = self._rows, self._cols, self._vectors
         if self._offset:
-            cols = cols - self._offset
-            if bool((cols < 0).any()):
+            if self._min_position < self._offset:  # positions are checked once, in set_context: no sync per hook
                 raise IndexError(f"an injection position lies in the cached prefix (before {self._offset})")
+            cols = cols - self._offset
         if batch != self._batch_size:
             # generate() expands the batch for num_return_sequences / beams: row b becomes rows b*k .. b*k+k-1
             if batch % self._batch_size:

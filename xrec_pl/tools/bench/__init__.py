@@ -52,10 +52,12 @@ def bench(
 
         results["stage1"] = run_stage1_bench(data_dir, repeats=2, max_steps=20 if quick else None, num_threads=threads)
     if "stage2" in parts or "generation" in parts:
+        from xrec_pl.models.llm import resolve_dtype
         from xrec_pl.tools.bench.stage2 import run_stage2_bench
 
         stage2_parts = [p for p in parts if p != "stage1"]
         dtype = llm_dtype or shipped_llm_dtype()
+        resolve_dtype(dtype)  # a bad name is one line now, not after the reference LLM has loaded
         results.update(
             run_stage2_bench(
                 data_dir,
