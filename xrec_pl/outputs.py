@@ -42,6 +42,12 @@ def _probe_writable(folder: Path, option: str, shown: Path) -> None:
         raise DataError(f"{option} {shown}: {folder} is not writable ({err.strerror or err})") from None
 
 
+def files_under(folder: str | os.PathLike) -> list[Path]:
+    """Every file below ``folder`` (what a command may read from a data folder); empty when it is not a folder."""
+    root = Path(folder)
+    return [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+
+
 def check_output_file(path: str | os.PathLike, option: str, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """Check that ``path`` can be written as a file and is none of ``inputs``; returns it as a ``Path``."""
     out = Path(path)

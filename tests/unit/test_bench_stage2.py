@@ -126,3 +126,29 @@ def test_xrec_pl_bench_times_the_llm_dtype_the_configs_ship(monkeypatch, tmp_pat
         assert seen[-1] == expected
     bench_mod.bench(parts=["generation"], out=str(tmp_path / "f32.json"), llm_dtype="float32")
     assert seen[-1] == "float32"
+
+
+def test_bench_refuses_to_write_over_its_own_data(synthetic_dir, tmp_path, monkeypatch):
+    """``--out`` naming a file of the data folder (even in a subfolder) is one error before any work; the file stays."""
+    import shutil
+
+    import xrec_pl.tools.bench as bench_mod
+    import xrec_pl.tools.bench.compare_pyg as compare_pyg
+    import xrec_pl.tools.bench.stage1 as stage1_mod
+    import xrec_pl.tools.bench.stage2 as stage2_mod
+    from xrec_pl.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_dir, data)
+    (data / "extra").mkdir()
+    (data / "extra" / "records.pkl").write_bytes(b"keep")
+    monkeypatch.setattr(stage2_mod, "run_stage2_bench", lambda *a, **k: pytest.fail("the bench ran"))
+    for target in (data / "trn.pkl", data / "extra" / "records.pkl"):
+        before = target.read_bytes()
+        with pytest.raises(DataError, match="is also an input"):
+            bench_mod.bench(parts=["stage2"], data_dir=str(data), out=str(target))
+        for main in (stage1_mod.main, stage2_mod.main, compare_pyg.main):
+            with pytest.raises(SystemExit) as exit_info:
+                main([str(data), "--out", str(target)])
+            assert exit_info.value.code == 2
+        assert target.read_bytes() == before

@@ -43,9 +43,9 @@ def bench(
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ConfigError(f"bench: unknown part(s) {unknown}; choose from {list(PARTS)}")
-    from xrec_pl.outputs import check_output_file
+    from xrec_pl.outputs import check_output_file, files_under
 
-    check_output_file(out, "--out")
+    check_output_file(out, "--out", files_under(data_dir))  # never a file of the data it reads
     results: dict[str, Any] = {"machine": machine_header()}
     if "stage1" in parts:
         from xrec_pl.tools.bench.stage1 import run_stage1_bench
@@ -81,3 +81,15 @@ def shipped_llm_dtype() -> str:
     from xrec_pl.models.llm import cpu_has_native_bf16
 
     return "bfloat16" if not torch.cuda.is_available() and cpu_has_native_bf16() else "auto"
+
+
+def refuse_data_output(parser: Any, out: str | None, data_dir: str) -> None:
+    """For the ``python -m`` bench tools: ``--out`` naming a file of the data folder is one usage error (exit 2)."""
+    from xrec_pl.errors import DataError
+    from xrec_pl.outputs import check_output_file, files_under
+
+    if out:
+        try:
+            check_output_file(out, "--out", files_under(data_dir))
+        except DataError as err:
+            parser.error(str(err))

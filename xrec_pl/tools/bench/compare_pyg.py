@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from xrec_pl.tools.bench import refuse_data_output
 from xrec_pl.utils import dump_json
 
 
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="bench_results/compare_pyg.json")
     args = parser.parse_args(argv)
+    refuse_data_output(parser, args.out, args.data_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)

@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from xrec_pl.tools.bench import refuse_data_output
 from xrec_pl.tools.bench.clock import EpochClock
 from xrec_pl.utils import dump_json
 
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    refuse_data_output(parser, args.out, args.data_dir)
     return run_stage1_bench(args.data_dir, args.repeats, args.max_steps or None, args.out, num_threads=args.threads)
 
 

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from xrec_pl.tools.bench import refuse_data_output
 from xrec_pl.tools.bench.stage2_common import (
     PEAK_FLOPS,
     build,
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory-side", choices=["ours", "reference"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    refuse_data_output(parser, args.out, args.data_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_side:
