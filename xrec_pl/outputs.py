@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from xrec_pl.errors import DataError
 
@@ -81,3 +82,13 @@ def check_run_files(root: str | os.PathLike, names: Iterable[str], option: str) 
         target = Path(root) / name
         if target.is_dir():
             raise DataError(f"{option} {root}: {target} is a folder where the run writes a file; remove or rename it")
+
+
+def refuse_data_output(parser: Any, out: str | None, data_dir: str | os.PathLike) -> None:
+    """For ``argparse`` tools (the ``python -m`` benches): ``--out`` naming a file of the data folder they read is one
+    usage error (exit 2), before any work."""
+    if out:
+        try:
+            check_output_file(out, "--out", files_under(data_dir))
+        except DataError as err:
+            parser.error(str(err))

@@ -81,15 +81,3 @@ def shipped_llm_dtype() -> str:
     from xrec_pl.models.llm import cpu_has_native_bf16
 
     return "bfloat16" if not torch.cuda.is_available() and cpu_has_native_bf16() else "auto"
-
-
-def refuse_data_output(parser: Any, out: str | None, data_dir: str) -> None:
-    """For the ``python -m`` bench tools: ``--out`` naming a file of the data folder is one usage error (exit 2)."""
-    from xrec_pl.errors import DataError
-    from xrec_pl.outputs import check_output_file, files_under
-
-    if out:
-        try:
-            check_output_file(out, "--out", files_under(data_dir))
-        except DataError as err:
-            parser.error(str(err))

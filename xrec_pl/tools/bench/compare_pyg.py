@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from xrec_pl.tools.bench import refuse_data_output
+from xrec_pl.outputs import refuse_data_output
 from xrec_pl.utils import dump_json
 
 

@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from xrec_pl.tools.bench import refuse_data_output
+from xrec_pl.outputs import refuse_data_output
 from xrec_pl.tools.bench.clock import EpochClock
 from xrec_pl.utils import dump_json
 

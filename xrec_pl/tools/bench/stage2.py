@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from xrec_pl.tools.bench import refuse_data_output
+from xrec_pl.outputs import refuse_data_output
 from xrec_pl.tools.bench.stage2_common import (
     PEAK_FLOPS,
     build,
