@@ -162,6 +162,8 @@ def fit_ours(module, dm, device: str, precision: str, max_steps: int | None = No
         trainer = _trainer(pl, clock, device, precision, max_steps)
         trainer.fit(module, dm)
     module.injector.clear()
+    if device != "cpu":
+        module.to(device)  # Lightning's teardown moved it to the CPU; the reference loop and the next run use it here
     return {"seconds": clock.stop - clock.start, "steps": clock.steps, "trainer": trainer}
 
 
