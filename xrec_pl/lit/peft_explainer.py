@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from xrec_pl import run_layout
 from xrec_pl.lit.frozen_lm import FrozenLMModule
 from xrec_pl.lit.optim import OptimizerName
-from xrec_pl.models.decoding import greedy_with_config
+from xrec_pl.models.decoding import greedy_with_config, padded_attention_kernels
 from xrec_pl.models.explainer import Decoder
 
 __all__ = ["PeftExplainerModule", "PeftMethod", "PromptInit"]
@@ -190,7 +190,8 @@ class PeftExplainerModule(FrozenLMModule):
         if self.hparams.get("decoder", "compact") == "compact":
             return greedy_with_config(base, config, mask, inputs_embeds=embeds)
         # generating from inputs_embeds alone returns only the new tokens (B, N)
-        return base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        with padded_attention_kernels(embeds.device):
+            return base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
 
     # ------------------------------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> PeftExplainerModule:

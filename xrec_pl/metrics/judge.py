@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from xrec_pl.metrics.base import PerSampleMetric, mean_std
+from xrec_pl.models.decoding import padded_attention_kernels
 
 JUDGE_SYSTEM = "You are a careful judge of recommendation explanations. You answer with one integer from 0 to 100."
 JUDGE_TEMPLATE = (
@@ -135,12 +136,13 @@ class HFJudge:
                     for p, r in zip(preds[start : start + self.batch_size], refs[start : start + self.batch_size])
                 ]
                 enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
-                out = self.model.generate(
-                    **enc,
-                    max_new_tokens=self.max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tok.pad_token_id,
-                )  # (b, S + new)
+                with padded_attention_kernels(device):  # no per-shape cuDNN plans on a GPU
+                    out = self.model.generate(
+                        **enc,
+                        max_new_tokens=self.max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=tok.pad_token_id,
+                    )  # (b, S + new)
                 new = out[:, enc["input_ids"].shape[1] :]
                 answers.extend(tok.batch_decode(new, skip_special_tokens=True))
         finally:
