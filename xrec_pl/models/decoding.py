@@ -76,51 +76,6 @@ def greedy_generate(
     Returns:
         ``(B, N)`` long, ``N`` = the longest row (rows that stopped earlier are padded with ``pad_id``).
     """
-    prompt = input_ids if input_ids is not None else inputs_embeds
-    with padded_attention_kernels(prompt.device if prompt is not None else attention_mask.device):
-        return _greedy_loop(
-            llm,
-            attention_mask,
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            max_new_tokens=max_new_tokens,
-            stop_ids=stop_ids,
-            pad_id=pad_id,
-            suppress_ids=suppress_ids,
-            sampling=sampling,
-            generator=generator,
-        )
-
-
-def padded_attention_kernels(device: torch.device) -> AbstractContextManager[None]:
-    """SDPA without the cuDNN backend on a CUDA device, inside the block (elsewhere: unchanged).
-
-    Decoding attends with a padding mask, over a key length that grows by one each step and a batch that shrinks as
-    rows finish. With such a mask PyTorch's SDPA picks cuDNN attention on Hopper GPUs, and cuDNN builds an execution
-    plan for every new shape: on one H200 (torch 2.11) a 7B-shape decoding step of 8 rows took 118 ms whenever its
-    shapes were new, 24 ms when they had been seen before (docs/PERFORMANCE.md). FlashAttention, the memory-efficient
-    kernel and the math kernel need no per-shape plan; SDPA chooses among them as usual.
-    """
-    if device.type != "cuda":
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def _greedy_loop(
-    llm: nn.Module,
-    attention_mask: Tensor,
-    *,
-    input_ids: Tensor | None,
-    inputs_embeds: Tensor | None,
-    max_new_tokens: int,
-    stop_ids: Sequence[int],
-    pad_id: int,
-    suppress_ids: Sequence[int],
-    sampling: Sampling | None,
-    generator: torch.Generator | None,
-) -> Tensor:
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
     if max_new_tokens < 1:
@@ -131,15 +86,16 @@ def _greedy_loop(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts nothing
     cache = preallocated_cache(llm.config, prompt.shape[1] + max_new_tokens)  # written in place, no per-step copy
     cache_kw = cache_keyword(llm)
-    out = llm(
-        input_ids=input_ids,
-        inputs_embeds=inputs_embeds,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_kw: cache},
-    )
+    with padded_attention_kernels(device):  # on a GPU: no cuDNN plan per new shape (see there)
+        out = llm(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_kw: cache},
+        )
     stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
     banned = torch.tensor(sorted(set(suppress_ids)), device=device, dtype=torch.long)
     result = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -179,16 +135,33 @@ def _greedy_loop(
                 history = history[keep]
             cache.batch_select_indices(keep)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = llm(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=next_position[:, None],
-            use_cache=True,
-            **{cache_kw: cache},
-        )
+        with padded_attention_kernels(device):
+            out = llm(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=next_position[:, None],
+                use_cache=True,
+                **{cache_kw: cache},
+            )
         logits = out.logits[:, -1].float()
         next_position = next_position + 1
     return result[:, :steps]
+
+
+def padded_attention_kernels(device: torch.device) -> AbstractContextManager[None]:
+    """SDPA without the cuDNN backend on a CUDA device, inside the block (elsewhere: unchanged).
+
+    Decoding attends with a padding mask, over a key length that grows by one each step and a batch that shrinks as
+    rows finish. With such a mask PyTorch's SDPA picks cuDNN attention on Hopper GPUs, and cuDNN builds an execution
+    plan for every new shape: on one H200 (torch 2.11) a 7B-shape decoding step of 8 rows took 118 ms whenever its
+    shapes were new, 24 ms when they had been seen before (docs/PERFORMANCE.md). FlashAttention, the memory-efficient
+    kernel and the math kernel need no per-shape plan; SDPA chooses among them as usual.
+    """
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def stop_ids(tokenizer: Any, llm: nn.Module, extra: Sequence[int] = ()) -> list[int]:
