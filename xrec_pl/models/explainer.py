@@ -256,9 +256,9 @@ class GraphConditionedLM(nn.Module):
         least one token of its own.
         """
         ids, mask = batch["input_ids"], batch.get("attention_mask")
-        if not torch.is_grad_enabled() or mask is None or causal_suffices(mask) is not None:
-            return 0
-        if teacher_forcing_attention(self.llm, ids.device) != "eager":
+        if not torch.is_grad_enabled() or mask is None or teacher_forcing_attention(self.llm, ids.device) != "eager":
+            return 0  # the kernel rule first: it answers without reading the mask (no device sync on a GPU)
+        if causal_suffices(mask) is not None:
             return 0
         shared = int(common_prefix_lengths(ids, mask.sum(1), ids.shape[0])[0])
         if "user_pos" in batch and "item_pos" in batch:

@@ -75,7 +75,9 @@ def bench(
 
 
 def shipped_llm_dtype() -> str:
-    """The LLM dtype of the shipped configs on this machine: bf16 weights on a CPU with native bf16, else ``auto``."""
+    """The LLM dtype the shipped configs give this machine: bf16 weights on a CPU with native bf16 (their
+    ``llm_dtype: bfloat16``), else ``auto`` (fp32 on a CPU without bf16 instructions, as their comments advise; the
+    GPU's half dtype on CUDA)."""
     import torch
 
     from xrec_pl.models.llm import cpu_has_native_bf16
