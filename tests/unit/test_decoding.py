@@ -167,3 +167,78 @@ def test_decoding_keeps_padded_attention_off_cudnn(tiny_llm, monkeypatch):
     hf = explainer.decode(model, ids, mask, config, "hf")
     assert seen == ["cpu"] * (compact.shape[1] + 1)  # generate() as a whole, once
     assert torch.equal(compact, hf[:, : compact.shape[1]])
+
+
+def test_cpu_decoding_layout_stores_frozen_fp32_weights_column_major_and_puts_them_back(tiny_llm):
+    """Decoding on a CPU multiplies a few rows by each weight: the frozen fp32 ``nn.Linear`` weights are stored
+    transposed inside the block (same shape, values and ``Parameter`` objects) and row-major again afterwards, also
+    after an error; CUDA devices, trainable or non-fp32 weights and the switch set off change nothing."""
+    from xrec_pl.models.decoding import cpu_decoding_layout, decoding_layout_switch
+
+    model, tok = tiny_llm
+    cpu = torch.device("cpu")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    params = [m.weight for m in linears]
+    unique = {id(p): p for p in params}
+    values = {k: p.detach().clone() for k, p in unique.items()}
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+    def row_major() -> bool:
+        return all(p.is_contiguous() for p in unique.values())
+
+    with cpu_decoding_layout(model, cpu) as relaid:
+        assert relaid == len(unique) > 0
+        assert all(p.stride() == (1, p.shape[0]) for p in unique.values())  # column-major storage
+        assert all(torch.equal(p, values[k]) for k, p in unique.items())
+        with cpu_decoding_layout(model, cpu) as again:
+            assert again == 0  # nested: nothing left to re-lay, nothing restored early
+        assert not any(p.is_contiguous() for p in unique.values())
+    assert row_major() and all(torch.equal(p, values[k]) for k, p in unique.items())
+    assert [m.weight for m in linears] == params  # the same Parameter objects
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+
+    with pytest.raises(RuntimeError, match="boom"), cpu_decoding_layout(model, cpu):
+        raise RuntimeError("boom")
+    assert row_major()
+    with cpu_decoding_layout(model, torch.device("cuda")) as relaid:
+        assert relaid == 0 and row_major()
+    with decoding_layout_switch(False), cpu_decoding_layout(model, cpu) as relaid:
+        assert relaid == 0 and row_major()
+    params[0].requires_grad_(True)
+    try:
+        with cpu_decoding_layout(model, cpu) as relaid:
+            assert relaid == len(unique) - 1 and params[0].is_contiguous()
+    finally:
+        params[0].requires_grad_(False)
+    half = torch.nn.Linear(4, 4).to(torch.bfloat16).requires_grad_(False)
+    with cpu_decoding_layout(half, cpu) as relaid:
+        assert relaid == 0
+
+
+def test_both_decoders_run_under_the_cpu_layout_and_write_the_same_tokens(tiny_llm):
+    """Every forward of the compact loop and of ``generate`` (the ``hf`` decoder) sees the column-major weights; the
+    tokens equal those decoded with the layout switched off (fp32)."""
+    from xrec_pl.models import explainer
+    from xrec_pl.models.decoding import decoding_layout_switch
+
+    model, tok = tiny_llm
+    ids, mask, _ = encode(tok, PROMPTS, side="left")
+    pad = tok.pad_token_id
+    probe = model.get_output_embeddings()
+    seen: list[bool] = []
+    handle = probe.register_forward_pre_hook(lambda m, args: seen.append(m.weight.is_contiguous()))
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, num_beams=1, eos_token_id=[pad], pad_token_id=pad)
+    try:
+        compact = greedy_generate(model, mask, input_ids=ids, max_new_tokens=6, stop_ids=[pad], pad_id=pad)
+        hf = explainer.decode(model, ids, mask, config, "hf")
+        assert seen and not any(seen)  # LM head column-major in every forward of both decoders
+        seen.clear()
+        with decoding_layout_switch(False):
+            plain = greedy_generate(model, mask, input_ids=ids, max_new_tokens=6, stop_ids=[pad], pad_id=pad)
+            plain_hf = explainer.decode(model, ids, mask, config, "hf")
+        assert seen and all(seen)
+    finally:
+        handle.remove()
+    assert probe.weight.is_contiguous()
+    assert torch.equal(compact, plain) and torch.equal(hf, plain_hf)
+    assert torch.equal(compact, hf[:, : compact.shape[1]])

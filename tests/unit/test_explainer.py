@@ -278,3 +278,33 @@ def test_bf16_true_keeps_rotary_frequencies_float32(synthetic_dir, emb_path, tmp
     assert next(module.llm.parameters()).dtype == torch.bfloat16  # the plugin did cast the weights
     for name, value in original.items():
         assert seen.seen[name].dtype == torch.float32 and torch.equal(seen.seen[name], value), name
+
+
+def test_evaluation_loops_hold_the_cpu_decoding_layout_and_training_never_sees_it(synthetic_dir, emb_path, tmp_path):
+    """On a CPU the frozen fp32 weights are column-major through each validation/test loop (one re-laying per loop)
+    and row-major in every training forward, including those that follow a validation inside ``fit`` or a
+    ``validate`` call (whose re-laid weights must not be inference tensors: training saves them for backward)."""
+    pl.seed_everything(0)
+    module = make(emb_path)
+    dm = ExplanationDataModule(str(synthetic_dir), batch_size=4)
+    head = module.llm.get_output_embeddings()
+    seen: list[tuple[bool, bool]] = []  # (module in training mode, LM head weight row-major) at each decoder forward
+    handle = module.llm.get_decoder().register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((module.training, head.weight.is_contiguous())), with_kwargs=True
+    )
+    try:
+        trainer(tmp_path, limit_val_batches=1).validate(module, dm, verbose=False)  # all under inference_mode
+        seen.clear()
+        trainer(tmp_path, max_steps=4, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=1).fit(
+            module, dm
+        )
+        in_fit = list(seen)
+        trainer(tmp_path, limit_test_batches=1).test(module, dm, verbose=False)
+    finally:
+        handle.remove()
+    training = [major for mode, major in in_fit if mode]
+    evaluation = [major for mode, major in seen if not mode]
+    assert len(training) >= 4 and all(training)  # every training forward row-major (two per step: shared start, rest)
+    assert len(evaluation) >= 4 and not any(evaluation)  # sanity check, two validations, the test: column-major
+    assert in_fit[0][0] is False and in_fit[-1][0] is False  # the fit began with the sanity check, ended validating
+    assert head.weight.is_contiguous()  # row-major again after the loops

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,6 +130,28 @@ def test_resolve_dtype():
     assert resolve_dtype(torch.float32) == torch.float32
     with pytest.raises(LLMLoadError, match="unknown dtype 'int8'"):
         resolve_dtype("int8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rule of 'fastest'")
+def test_fastest_dtype_follows_the_cpu_bf16_instructions(monkeypatch):
+    """``fastest``: bf16 on a CPU with bf16 instructions, fp32 without them or when unknown (emulated bf16 matrix
+    products ran ~4x slower than fp32 on such a CPU)."""
+    import xrec_pl.models.llm as llm_mod
+
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32), (None, torch.float32)):
+        monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda native=native: native)
+        assert resolve_dtype("fastest") == expected and resolve_dtype("FASTEST") == expected
+    assert resolve_dtype("auto") == torch.float32  # auto keeps its meaning on every CPU
+
+
+def test_shipped_cpu_stage2_configs_pick_the_fastest_dtype():
+    """The embedded-LLM stage-2 configs ask for ``fastest``, so a CPU without bf16 instructions runs fp32."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "stage2"
+    for name in ("synthetic", "amazon", "yelp", "google"):
+        config = yaml.safe_load((root / f"{name}.yaml").read_text())
+        assert config["model"]["init_args"]["llm_dtype"] == "fastest", name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")

@@ -56,7 +56,8 @@ class ExplainerModule(FrozenLMModule):
 
     Args:
         llm: ``"embedded"`` (SmolLM2-135M-Instruct), ``"tiny-random"``, ``"tiny-random-gqa"``, a hub id or a path.
-        llm_dtype: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        llm_dtype: ``"auto"`` (bf16/fp16 on GPU, fp32 on CPU), ``"fastest"`` (as ``"auto"``, but bf16 on a CPU with
+            bf16 instructions: the shipped CPU configs), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         adapter: ``"moe"`` (XRec), ``"linear"`` or ``"none"``.
         num_experts: experts of the MoE adapter.
         adapter_dropout: input dropout of every MoE expert.

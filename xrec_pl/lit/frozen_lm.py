@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Mapping
+from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,7 +34,7 @@ from xrec_pl.errors import ConfigError, DataError
 from xrec_pl.lit.checkpoint import load_validated, save_trainable
 from xrec_pl.lit.generation import GenerationMixin
 from xrec_pl.lit.optim import OptimizerName, adam_with_warmup, schedules_agree
-from xrec_pl.models.decoding import check_hf_scope
+from xrec_pl.models.decoding import check_hf_scope, cpu_decoding_layout
 from xrec_pl.models.explainer import Decoder, load_seeded_llm
 from xrec_pl.models.llm import get_llm_info, set_layer_checkpointing
 from xrec_pl.models.llm_loading import non_weight_buffers, restore_buffers
@@ -40,6 +42,9 @@ from xrec_pl.models.lm_loss import decoder_hidden_states, token_nll
 from xrec_pl.utils import check_choice
 
 __all__ = ["FrozenLMModule"]
+
+# the column-major weight layout a module holds through an evaluation loop, kept beside it (nothing on the module)
+_EVAL_LAYOUT: weakref.WeakKeyDictionary[FrozenLMModule, ExitStack] = weakref.WeakKeyDictionary()
 
 
 class FrozenLMModule(GenerationMixin, pl.LightningModule):
@@ -258,12 +263,41 @@ class FrozenLMModule(GenerationMixin, pl.LightningModule):
 
     def on_validation_start(self) -> None:
         self._restore_llm_buffers()
+        self._hold_eval_layout(True)
+
+    def on_validation_end(self) -> None:
+        self._hold_eval_layout(False)
 
     def on_test_start(self) -> None:
         self._restore_llm_buffers()
+        self._hold_eval_layout(True)
+
+    def on_test_end(self) -> None:
+        self._hold_eval_layout(False)
 
     def on_predict_start(self) -> None:
         self._restore_llm_buffers()
+        self._hold_eval_layout(True)
+
+    def on_predict_end(self) -> None:
+        self._hold_eval_layout(False)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._hold_eval_layout(False)  # training always sees the usual layout (an evaluation that raised, say)
+
+    def teardown(self, stage: str) -> None:
+        self._hold_eval_layout(False)
+
+    def _hold_eval_layout(self, on: bool) -> None:
+        """Keep the frozen LLM's weights column-major through an evaluation loop on a CPU (one re-laying per loop, not
+        one per generated batch; ``models.decoding.cpu_decoding_layout``), and row-major again when it ends."""
+        held = _EVAL_LAYOUT.pop(self, None)
+        if held is not None:
+            held.close()
+        if on:
+            stack = ExitStack()
+            stack.enter_context(cpu_decoding_layout(self.llm, self.device))
+            _EVAL_LAYOUT[self] = stack
 
     # ------------------------------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> FrozenLMModule:

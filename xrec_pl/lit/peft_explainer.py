@@ -52,7 +52,7 @@ class PeftExplainerModule(FrozenLMModule):
     Args:
         method: ``"lora"`` or ``"prompt_tuning"``.
         llm: ``"embedded"`` (SmolLM2-135M-Instruct), ``"tiny-random"``, ``"tiny-random-gqa"``, a hub id or a path.
-        llm_dtype: ``"auto"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        llm_dtype: ``"auto"``, ``"fastest"``, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         lora_r: LoRA rank.
         lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``).
         lora_dropout: dropout on the LoRA branch input (active in training only).

@@ -33,8 +33,9 @@ With ``do_sample=False`` and no penalty or ban the step is the plain ``argmax`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,68 +85,71 @@ def greedy_generate(
     batch, device = prompt.shape[0], prompt.device
     mask = attention_mask.to(device=device, dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts nothing
-    cache = preallocated_cache(llm.config, prompt.shape[1] + max_new_tokens)  # written in place, no per-step copy
-    cache_kw = cache_keyword(llm)
-    with padded_attention_kernels(device):  # on a GPU: no cuDNN plan per new shape (see there)
-        out = llm(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{cache_kw: cache},
-        )
-    stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
-    banned = torch.tensor(sorted(set(suppress_ids)), device=device, dtype=torch.long)
-    result = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    sampling = sampling if sampling is not None and not sampling.is_greedy else None
-    history = None  # (A, L) ids each row holds so far (the prompt's too with "all"), for the penalty and the ban
-    if sampling is not None and sampling.needs_history:
-        if sampling.penalty_scope == "generated":
-            history = torch.empty(batch, 0, dtype=torch.long, device=device)
-        elif input_ids is None:
-            raise ValueError("penalty_scope='all' needs input_ids (not inputs_embeds): the prompt's ids are counted")
-        else:
-            history = input_ids.to(device).masked_fill(mask == 0, -1)
-    alive = torch.arange(batch, device=device)  # (A,) original row of each live row
-    next_position = positions[:, -1] + 1  # (A,)
-    logits = out.logits[:, -1].float()  # (A, V)
-    steps = 0
-    for step in range(max_new_tokens):
-        if banned.numel():
-            logits.index_fill_(1, banned, float("-inf"))
-        if sampling is None:
-            token = logits.argmax(-1)  # (A,)
-        else:
-            token = next_token(logits, sampling, history, generator)
-            if history is not None:
-                history = torch.cat([history, token[:, None]], dim=1)
-        result[alive, step] = token
-        steps = step + 1
-        done = torch.isin(token, stops)
-        if step == max_new_tokens - 1:
-            break
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            alive, token, mask, next_position = alive[keep], token[keep], mask[keep], next_position[keep]
-            if history is not None:
-                history = history[keep]
-            cache.batch_select_indices(keep)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        with padded_attention_kernels(device):
+    with cpu_decoding_layout(llm, device):  # on a CPU: weights column-major while decoding (see there)
+        cache = preallocated_cache(llm.config, prompt.shape[1] + max_new_tokens)  # written in place, no per-step copy
+        cache_kw = cache_keyword(llm)
+        with padded_attention_kernels(device):  # on a GPU: no cuDNN plan per new shape (see there)
             out = llm(
-                input_ids=token[:, None],
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
                 attention_mask=mask,
-                position_ids=next_position[:, None],
+                position_ids=positions,
                 use_cache=True,
+                logits_to_keep=1,
                 **{cache_kw: cache},
             )
-        logits = out.logits[:, -1].float()
-        next_position = next_position + 1
-    return result[:, :steps]
+        stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
+        banned = torch.tensor(sorted(set(suppress_ids)), device=device, dtype=torch.long)
+        result = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        sampling = sampling if sampling is not None and not sampling.is_greedy else None
+        history = None  # (A, L) ids each row holds so far (the prompt's too with "all"), for the penalty and the ban
+        if sampling is not None and sampling.needs_history:
+            if sampling.penalty_scope == "generated":
+                history = torch.empty(batch, 0, dtype=torch.long, device=device)
+            elif input_ids is None:
+                raise ValueError(
+                    "penalty_scope='all' needs input_ids (not inputs_embeds): the prompt's ids are counted"
+                )
+            else:
+                history = input_ids.to(device).masked_fill(mask == 0, -1)
+        alive = torch.arange(batch, device=device)  # (A,) original row of each live row
+        next_position = positions[:, -1] + 1  # (A,)
+        logits = out.logits[:, -1].float()  # (A, V)
+        steps = 0
+        for step in range(max_new_tokens):
+            if banned.numel():
+                logits.index_fill_(1, banned, float("-inf"))
+            if sampling is None:
+                token = logits.argmax(-1)  # (A,)
+            else:
+                token = next_token(logits, sampling, history, generator)
+                if history is not None:
+                    history = torch.cat([history, token[:, None]], dim=1)
+            result[alive, step] = token
+            steps = step + 1
+            done = torch.isin(token, stops)
+            if step == max_new_tokens - 1:
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                alive, token, mask, next_position = alive[keep], token[keep], mask[keep], next_position[keep]
+                if history is not None:
+                    history = history[keep]
+                cache.batch_select_indices(keep)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            with padded_attention_kernels(device):
+                out = llm(
+                    input_ids=token[:, None],
+                    attention_mask=mask,
+                    position_ids=next_position[:, None],
+                    use_cache=True,
+                    **{cache_kw: cache},
+                )
+            logits = out.logits[:, -1].float()
+            next_position = next_position + 1
+        return result[:, :steps]
 
 
 def padded_attention_kernels(device: torch.device) -> AbstractContextManager[None]:
@@ -162,6 +166,84 @@ def padded_attention_kernels(device: torch.device) -> AbstractContextManager[Non
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+@contextmanager
+def cpu_decoding_layout(llm: nn.Module, device: torch.device) -> Iterator[int]:
+    """Inside the block, the frozen fp32 ``nn.Linear`` weights of ``llm`` on a CPU are stored transposed (column-major).
+
+    Decoding multiplies a few rows (the batch's live rows) by every weight matrix. On a 2-core x86 CPU without bf16
+    instructions (torch 2.13, docs/PERFORMANCE.md) ``F.linear`` of 8 rows ran 2-5x slower with the usual row-major
+    ``(out, in)`` weight than with the same weight stored ``(in, out)``: 576x576 483 vs 91 us, 1536x576 815 vs 229 us,
+    the 49152-row LM head 27.4 vs 14.3 ms. Each weight keeps its shape, values and ``Parameter`` object (ties hold);
+    only ``.data`` gets transposed storage, and the row-major storage comes back on leaving (also on an error), so
+    training and every other forward see the model unchanged. The values are the same numbers; a matrix product may
+    sum them in another order (last-bit differences in the logits). Elsewhere (CUDA, bf16/fp16 weights, trainable
+    weights, several processes, a switch set off with :func:`decoding_layout_switch`) nothing changes; inside an
+    enclosing block nothing is left to change (0 weights), so the blocks nest.
+
+    Measured (docs/PERFORMANCE.md): re-laying and restoring the embedded LLM's 211 weights take ~0.8 s each way, a
+    training step was as fast with either layout (14.4 vs 14.6 s), generation of 8 Amazon records 1.18x faster with
+    the re-laying inside each call; :class:`~xrec_pl.lit.frozen_lm.FrozenLMModule` keeps the layout while the module
+    is in eval mode, so a validation/test/predict loop pays it once.
+
+    Yields:
+        The number of weights re-laid (0 when nothing changed).
+    """
+    if device.type != "cpu" or not _DECODING_LAYOUT.get() or _distributed():
+        yield 0
+        return
+    weights = {}
+    for module in llm.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            isinstance(module, nn.Linear)
+            and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+            and weight.dtype == torch.float32
+            and weight.device.type == "cpu"
+            and not weight.requires_grad
+            and weight.is_contiguous()
+        ):
+            weights[id(weight)] = weight
+    relaid = []
+    try:
+        with _plain_tensors():
+            for weight in weights.values():
+                weight.data = weight.data.t().contiguous().t()
+                relaid.append(weight)
+        yield len(relaid)
+    finally:
+        with _plain_tensors():
+            for weight in relaid:
+                weight.data = weight.data.contiguous()
+
+
+def _plain_tensors() -> ExitStack:
+    """New storage that training may use later: not an inference tensor (Lightning evaluates under
+    ``torch.inference_mode``, and an inference-mode weight cannot be saved for backward), and no graph."""
+    stack = ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
+_DECODING_LAYOUT: ContextVar[bool] = ContextVar("cpu_decoding_layout", default=True)
+
+
+def _distributed() -> bool:
+    """Several processes (DDP/FSDP on CPUs): their strategies own the parameters' storage; leave it alone."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+@contextmanager
+def decoding_layout_switch(on: bool) -> Iterator[None]:
+    """Switch :func:`cpu_decoding_layout` on or off inside the block (the bench's comparison)."""
+    token = _DECODING_LAYOUT.set(on)
+    try:
+        yield
+    finally:
+        _DECODING_LAYOUT.reset(token)
 
 
 def stop_ids(tokenizer: Any, llm: nn.Module, extra: Sequence[int] = ()) -> list[int]:

@@ -48,7 +48,13 @@ import torch
 from torch import Tensor, nn
 
 from xrec_pl.models.adapters import AdapterKind, build_adapter, eval_mode
-from xrec_pl.models.decoding import Sampling, check_hf_scope, greedy_with_config, padded_attention_kernels
+from xrec_pl.models.decoding import (
+    Sampling,
+    check_hf_scope,
+    cpu_decoding_layout,
+    greedy_with_config,
+    padded_attention_kernels,
+)
 from xrec_pl.models.injection import EmbeddingInjector, InjectionMode
 from xrec_pl.models.llm import load_frozen_llm
 from xrec_pl.models.lm_loss import (
@@ -83,7 +89,7 @@ def decode(
     if decoder == "compact":
         return greedy_with_config(llm, config, attention_mask, input_ids=input_ids)
     check_hf_scope(Sampling.from_generation_config(config))
-    with padded_attention_kernels(input_ids.device):
+    with cpu_decoding_layout(llm, input_ids.device), padded_attention_kernels(input_ids.device):
         out = llm.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
     return out[:, input_ids.shape[1] :]
 

@@ -128,8 +128,9 @@ def load_frozen_llm(
     Args:
         name_or_path: ``"embedded"`` (SmolLM2-135M-Instruct GGUF), ``"tiny-random"``, ``"tiny-random-gqa"``,
             a Hugging Face model id, a local model directory, or a path to a ``.gguf`` file.
-        dtype: ``"auto"`` (bfloat16 on CUDA where supported, float16 on older GPUs, float32 on CPU), or
-            ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        dtype: ``"auto"`` (bfloat16 on CUDA where supported, float16 on older GPUs, float32 on CPU), ``"fastest"``
+            (as ``"auto"``, but bfloat16 on a CPU with bf16 instructions; :func:`resolve_dtype`), or ``"float32"``,
+            ``"bfloat16"``, ``"float16"``.
         gguf_file: GGUF file name inside ``name_or_path`` (hub repo or directory), passed to ``from_pretrained``.
         quantization: ``None``, ``"8bit"`` or ``"4bit"`` (bitsandbytes; needs CUDA). The model is then placed on
             this rank's CUDA device (``llm_loading.rank_device``). ``"auto"``: 8-bit where bitsandbytes and CUDA exist, else none (the ``dtype``
@@ -151,7 +152,7 @@ def load_frozen_llm(
     quant_kwargs = quantization_kwargs(quantization, torch_dtype)
     if name_or_path in _REGISTERED:
         model, tokenizer, source = _REGISTERED[name_or_path]()
-        if str(dtype).lower() != "auto":  # an explicit dtype wins over the builder's own
+        if str(dtype).lower() not in ("auto", "fastest"):  # an explicit dtype wins over the builder's own
             model = cast_weights(model, torch_dtype)
     elif name_or_path in ("tiny-random", "tiny-random-gqa"):
         if gguf_file or quantization:
@@ -229,17 +230,28 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """Turn ``"auto"``/``"float32"``/``"bfloat16"``/``"float16"`` (or a torch dtype) into a torch dtype."""
+    """Turn ``"auto"``/``"fastest"``/``"float32"``/``"bfloat16"``/``"float16"`` (or a torch dtype) into a torch dtype.
+
+    ``"auto"``: bf16 on CUDA where supported, else fp16; fp32 on a CPU. ``"fastest"`` (the shipped CPU configs'):
+    as ``"auto"`` on CUDA; on a CPU bf16 where it has bf16 instructions (``avx512_bf16``/``amx_bf16``: bf16 weights
+    ran stage 2 about twice as fast as fp32) and fp32 where it has not (emulated bf16 matrix products ran ~4x slower
+    than fp32; docs/PERFORMANCE.md). A run on another machine may therefore hold its LLM in another dtype; the
+    choice is logged.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     key = _DTYPE_ALIASES.get(key, key)
-    if key == "auto":
+    if key == "fastest" and not torch.cuda.is_available():
+        chosen = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        log.info("llm_dtype=fastest: %s on this CPU (bf16 instructions: %s)", chosen, cpu_has_native_bf16())
+        return chosen
+    if key in ("auto", "fastest"):
         if torch.cuda.is_available():
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if key not in DTYPES:
-        raise LLMLoadError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+        raise LLMLoadError(f"unknown dtype {dtype!r}; choose auto, fastest, {', '.join(DTYPES)}")
     return DTYPES[key]
 
 

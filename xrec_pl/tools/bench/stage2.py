@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from xrec_pl.models.llm import resolve_dtype
 from xrec_pl.outputs import refuse_data_output
 from xrec_pl.tools.bench.stage2_common import (
     PEAK_FLOPS,
@@ -203,7 +204,8 @@ def run_stage2_bench(
     header = {**machine_header(), "load_before": load_note(), "llm": llm, "quick": quick}
     torch.manual_seed(seed)
     reference, dm = build(llm, Path(data_dir), device, seed, batch_size)
-    module = reference if llm_dtype == "auto" else twin_in_dtype(reference, llm, device, seed, llm_dtype)
+    same = resolve_dtype(llm_dtype) == resolve_dtype("auto")  # e.g. "fastest" on a CPU without bf16: one copy
+    module = reference if same else twin_in_dtype(reference, llm, device, seed, llm_dtype)
     header["ours_llm_dtype"] = str(next(module.llm.parameters()).dtype)
     header["reference_llm_dtype"] = str(next(reference.llm.parameters()).dtype)
     results: dict[str, Any] = {}

@@ -95,6 +95,8 @@ def reference_generate(module, builder, records: list[dict], max_new_tokens: int
         pad_token_id=module.tokenizer.pad_token_id,
         suppress_tokens=sorted(set(module.llm_info.reserved_token_ids.values())),
     )
+    if not module.llm.get_output_embeddings().weight.is_contiguous():  # the reference is transformers' usual layout
+        raise RuntimeError("the reference loop must run the LLM's row-major weights (a decoding layout is held)")
     outs = []
     adapters = [module.user_adapter, module.item_adapter]
     modes = [a.training for a in adapters]
