@@ -236,7 +236,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     as ``"auto"`` on CUDA; on a CPU bf16 where it has bf16 instructions (``avx512_bf16``/``amx_bf16``: bf16 weights
     ran stage 2 about twice as fast as fp32) and fp32 where it has not (emulated bf16 matrix products ran ~4x slower
     than fp32; docs/PERFORMANCE.md). A run on another machine may therefore hold its LLM in another dtype; the
-    choice is logged.
+    dtype it resolved to is logged at INFO level and stored in the run's checkpoints (``LLMInfo.dtype``).
     """
     if isinstance(dtype, torch.dtype):
         return dtype
