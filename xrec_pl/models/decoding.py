@@ -85,9 +85,24 @@ def greedy_generate(
     batch, device = prompt.shape[0], prompt.device
     mask = attention_mask.to(device=device, dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding shifts nothing
+    stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
+    banned = torch.tensor(sorted(set(suppress_ids)), device=device, dtype=torch.long)
+    result = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    sampling = sampling if sampling is not None and not sampling.is_greedy else None
+    history = None  # (A, L) ids each row holds so far (the prompt's too with "all"), for the penalty and the ban
+    if sampling is not None and sampling.needs_history:
+        if sampling.penalty_scope == "generated":
+            history = torch.empty(batch, 0, dtype=torch.long, device=device)
+        elif input_ids is None:
+            raise ValueError("penalty_scope='all' needs input_ids (not inputs_embeds): the prompt's ids are counted")
+        else:
+            history = input_ids.to(device).masked_fill(mask == 0, -1)
+    alive = torch.arange(batch, device=device)  # (A,) original row of each live row
+    next_position = positions[:, -1] + 1  # (A,)
+    cache = preallocated_cache(llm.config, prompt.shape[1] + max_new_tokens)  # written in place, no per-step copy
+    cache_kw = cache_keyword(llm)
+    steps = 0
     with cpu_decoding_layout(llm, device):  # on a CPU: weights column-major while decoding (see there)
-        cache = preallocated_cache(llm.config, prompt.shape[1] + max_new_tokens)  # written in place, no per-step copy
-        cache_kw = cache_keyword(llm)
         with padded_attention_kernels(device):  # on a GPU: no cuDNN plan per new shape (see there)
             out = llm(
                 input_ids=input_ids,
@@ -98,24 +113,7 @@ def greedy_generate(
                 logits_to_keep=1,
                 **{cache_kw: cache},
             )
-        stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
-        banned = torch.tensor(sorted(set(suppress_ids)), device=device, dtype=torch.long)
-        result = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        sampling = sampling if sampling is not None and not sampling.is_greedy else None
-        history = None  # (A, L) ids each row holds so far (the prompt's too with "all"), for the penalty and the ban
-        if sampling is not None and sampling.needs_history:
-            if sampling.penalty_scope == "generated":
-                history = torch.empty(batch, 0, dtype=torch.long, device=device)
-            elif input_ids is None:
-                raise ValueError(
-                    "penalty_scope='all' needs input_ids (not inputs_embeds): the prompt's ids are counted"
-                )
-            else:
-                history = input_ids.to(device).masked_fill(mask == 0, -1)
-        alive = torch.arange(batch, device=device)  # (A,) original row of each live row
-        next_position = positions[:, -1] + 1  # (A,)
         logits = out.logits[:, -1].float()  # (A, V)
-        steps = 0
         for step in range(max_new_tokens):
             if banned.numel():
                 logits.index_fill_(1, banned, float("-inf"))
@@ -149,7 +147,7 @@ def greedy_generate(
                 )
             logits = out.logits[:, -1].float()
             next_position = next_position + 1
-        return result[:, :steps]
+    return result[:, :steps]
 
 
 def padded_attention_kernels(device: torch.device) -> AbstractContextManager[None]:
