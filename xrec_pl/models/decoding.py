@@ -34,7 +34,7 @@ With ``do_sample=False`` and no penalty or ban the step is the plain ``argmax`` 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -204,26 +204,19 @@ def cpu_decoding_layout(llm: nn.Module, device: torch.device) -> Iterator[int]:
             and weight.is_contiguous()
         ):
             weights[id(weight)] = weight
+    # the new storage is made outside inference mode: Lightning evaluates under ``torch.inference_mode``, and an
+    # inference tensor as a weight could not be saved for backward by the next training step
     relaid = []
     try:
-        with _plain_tensors():
+        with torch.inference_mode(False), torch.no_grad():
             for weight in weights.values():
                 weight.data = weight.data.t().contiguous().t()
                 relaid.append(weight)
         yield len(relaid)
     finally:
-        with _plain_tensors():
+        with torch.inference_mode(False), torch.no_grad():
             for weight in relaid:
                 weight.data = weight.data.contiguous()
-
-
-def _plain_tensors() -> ExitStack:
-    """New storage that training may use later: not an inference tensor (Lightning evaluates under
-    ``torch.inference_mode``, and an inference-mode weight cannot be saved for backward), and no graph."""
-    stack = ExitStack()
-    stack.enter_context(torch.inference_mode(False))
-    stack.enter_context(torch.no_grad())
-    return stack
 
 
 _DECODING_LAYOUT: ContextVar[bool] = ContextVar("cpu_decoding_layout", default=True)

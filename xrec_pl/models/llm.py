@@ -243,8 +243,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     key = str(dtype).lower().removeprefix("torch.")
     key = _DTYPE_ALIASES.get(key, key)
     if key == "fastest" and not torch.cuda.is_available():
-        chosen = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-        log.info("llm_dtype=fastest: %s on this CPU (bf16 instructions: %s)", chosen, cpu_has_native_bf16())
+        native = cpu_has_native_bf16()
+        chosen = torch.bfloat16 if native else torch.float32
+        log.info("llm_dtype=fastest: %s on this CPU (bf16 instructions: %s)", chosen, native)
         return chosen
     if key in ("auto", "fastest"):
         if torch.cuda.is_available():
